@@ -1,0 +1,209 @@
+"""The ``lane`` command line.
+
+Every command takes ``--config FILE``, ``--out DIR`` and ``--set section.field=value`` overrides, shows
+progress on stderr, and exits with status 2 and a one-line reason on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lane_ray.errors import LaneError
+
+FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
+
+# Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
+PENDING = {
+    "embed": "catalogue title embedding with Ray Data",
+    "preferences": "LLM preference extraction",
+    "train": "model training with Ray Train",
+    "evaluate": "evaluation (full ranking and sampled-100)",
+    "explain": "chain-of-thought explanations",
+    "serve": "the Ray Serve application",
+    "submit": "submitting a job to a Ray cluster",
+    "report": "the run report",
+}
+
+
+def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file (sections as in lane_ray.config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.user_k_core=5 (repeatable)")
+    p.add_argument("--out", metavar="DIR", default=out_default,
+                   help="run directory to write into" + (f" (default {out_default})" if out_default else ""))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def _dataset_args(p: argparse.ArgumentParser, positional: bool) -> None:
+    if positional:
+        p.add_argument("dataset", metavar="DATASET", help="registered name (ml-100k, ml-1m, amazon-beauty, "
+                       "steam) or a path to a file or directory")
+    else:
+        p.add_argument("--dataset", metavar="DATASET", help="registered name or path (default: config, ml-100k)")
+    p.add_argument("--format", choices=FORMATS, help="format of a dataset given by path (detected when omitted)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lane", description="LANE-Ray: explainable sequential recommendation "
+                                     "on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run the whole pipeline (default: ml-100k with the CPU models)")
+    _common(p)
+    _dataset_args(p, positional=False)
+    p.add_argument("--force", action="store_true", help="recompute stages even when their output is current")
+    p.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="dataset commands: stats, prepare, synth")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    p = dsub.add_parser("stats", help="statistics of a dataset after preprocessing")
+    _common(p)
+    _dataset_args(p, positional=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_data_stats)
+    p = dsub.add_parser("prepare", help="write the canonical tables into OUT/data/")
+    _common(p)
+    _dataset_args(p, positional=True)
+    p.set_defaults(func=cmd_data_prepare)
+    p = dsub.add_parser("synth", help="generate a synthetic dataset into OUT/data/")
+    _common(p)
+    p.add_argument("--items", type=int, help="number of items (default: config synth.items)")
+    p.add_argument("--users", type=int, help="number of users (default: config synth.users)")
+    p.add_argument("--seed", type=int, help="random seed (default: config synth.seed)")
+    p.set_defaults(func=cmd_data_synth)
+
+    for name, what in PENDING.items():
+        p = sub.add_parser(name, help=f"{what} (not available in this version)")
+        _common(p)
+        if name not in ("serve", "submit", "report"):
+            _dataset_args(p, positional=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_pending(name, what))
+    return parser
+
+
+def _pending(name: str, what: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise LaneError(f"lane {name}: {what} is not available in this version of lane-ray yet")
+
+    return run
+
+
+def _config(args: argparse.Namespace, **flags: Any):
+    from lane_ray.config import load_config
+
+    values = {k: v for k, v in flags.items() if v is not None}
+    if getattr(args, "dataset", None) is not None:
+        values["data.dataset"] = args.dataset
+    if getattr(args, "format", None) is not None:
+        values["data.format"] = args.format
+    if getattr(args, "out", None) is not None:
+        values["run.out"] = args.out
+    return load_config(args.config, args.overrides, values)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from lane_ray.data import load_dataset
+    from lane_ray.progress import Stage
+
+    cfg = _config(args)
+    with Stage(f"load {cfg.data.dataset}", quiet=args.quiet or args.json):
+        prepared = load_dataset(cfg.data)
+    stats = {"dataset": prepared.name, **prepared.stats(), "preprocessing": prepared.report}
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for k, v in stats.items():
+            print(f"{k:>14}: {v}")
+    return 0
+
+
+def _prepare(cfg, quiet: bool, force: bool = False) -> dict[str, Any]:
+    from lane_ray.data import load_dataset, prepared_is_current, write_prepared
+    from lane_ray.progress import Stage
+
+    out = Path(cfg.run.out)
+    with Stage("data", out, quiet=quiet) as st:
+        if not force and prepared_is_current(out, cfg.data):
+            st.skipped = True
+            summary = json.loads((out / "data" / "prepare.json").read_text())
+        else:
+            prepared = load_dataset(cfg.data)
+            summary = write_prepared(prepared, out, cfg.data)
+        st.rows = summary["stats"]["interactions"]
+    return summary
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise LaneError("lane data prepare: --out DIR is required")
+    cfg = _config(args)
+    summary = _prepare(cfg, args.quiet, force=True)
+    s = summary["stats"]
+    print(f"{Path(cfg.run.out) / 'data'}: {s['users']} users, {s['items']} items, {s['interactions']} interactions")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from lane_ray.data.synth import generate
+    from lane_ray.progress import Stage, log
+
+    if args.out is None:
+        raise LaneError("lane data synth: --out DIR is required")
+    cfg = _config(args, **{"synth.items": args.items, "synth.users": args.users, "synth.seed": args.seed})
+    last: dict[str, int] = {}
+
+    def progress(kind: str, done: int, total: int) -> None:
+        pct = 100 * done // total
+        if not args.quiet and (pct >= last.get(kind, -10) + 10 or done == total):
+            last[kind] = pct
+            log(f"synth: {kind} {done:,}/{total:,} ({pct}%)")
+
+    with Stage("synth", cfg.run.out, quiet=args.quiet) as st:
+        summary = generate(cfg.synth, cfg.run.out, progress=progress)
+        st.rows = summary["interactions"]
+    print(f"{Path(cfg.run.out) / 'data'}: {summary['users']} users, {summary['items']} items, "
+          f"{summary['interactions']} interactions")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline on one run directory; each stage is skipped when its output is current."""
+    from lane_ray.progress import log
+
+    cfg = _config(args)
+    out = Path(cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from lane_ray.config import dump_config
+
+    (out / "config.yaml").write_text(dump_config(cfg))
+    summary = _prepare(cfg, args.quiet, force=args.force)
+    s = summary["stats"]
+    if not args.quiet:
+        log(f"run complete: {out} ({s['users']} users, {s['items']} items, {s['interactions']} interactions)")
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LaneError as exc:
+        print(f"lane: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lane: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

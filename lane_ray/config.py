@@ -1,0 +1,213 @@
+"""Typed configuration for every stage.
+
+One pydantic model per stage, every field defaulted and described. A configuration is built from
+(in order of precedence, lowest first) the defaults, a YAML file (``--config FILE``), and command-line
+overrides (``--set section.field=value``, the value parsed as YAML). Any bad value raises
+:class:`~lane_ray.errors.ConfigError` with one line naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lane_ray.errors import ConfigError
+
+DatasetFormat = Literal["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnMap(_Section):
+    """Source column names for the generic CSV/Parquet loader (canonical name -> column in the file)."""
+
+    user_id: str = Field("user_id", description="Column holding the user id.")
+    item_id: str = Field("item_id", description="Column holding the item id (interactions and catalogue).")
+    timestamp: str = Field(
+        "timestamp", description="Column holding the interaction time: Unix seconds or an ISO-8601 string."
+    )
+    rating: str | None = Field("rating", description="Optional rating column; ignored when absent.")
+    title: str = Field("title", description="Column holding the item title (catalogue).")
+    text_columns: list[str] = Field(
+        default_factory=lambda: ["genres", "year"],
+        description="Optional catalogue text columns to keep (e.g. genres) when present.",
+    )
+
+
+class DataConfig(_Section):
+    """Which dataset to load and how to preprocess it into the canonical tables."""
+
+    dataset: str = Field(
+        "ml-100k",
+        description="A registered dataset name (ml-100k, ml-1m, amazon-beauty, steam) or a path to a file "
+        "or directory.",
+    )
+    format: DatasetFormat | None = Field(
+        None, description="Format of a dataset given by path; detected from the files present when unset."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where downloaded datasets are kept; default $LANE_DATA_CACHE or ~/.cache/lane_ray/datasets.",
+    )
+    catalog: str | None = Field(
+        None, description="CSV/Parquet only: path of the catalogue file when `dataset` is an interactions file."
+    )
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="CSV/Parquet only: column mapping.")
+    csv_delimiter: str = Field(",", min_length=1, max_length=1, description="CSV only: field delimiter.")
+    map_ids: bool = Field(
+        False,
+        description="CSV/Parquet/RecBole: map non-numeric user/item ids to dense integers (original ids kept "
+        "in `source_id`). Off: a non-numeric id is an error. Amazon and Steam ids are always mapped.",
+    )
+    title_field: str | None = Field(
+        None, description="RecBole only: the .item field holding titles (default: the first *title* field)."
+    )
+    user_k_core: int | None = Field(
+        None, ge=0, description="Iterative k-core: minimum interactions per user (0 = off; unset = dataset default)."
+    )
+    item_k_core: int | None = Field(
+        None, ge=0, description="Iterative k-core: minimum interactions per item (0 = off; unset = dataset default)."
+    )
+    min_rating: float | None = Field(
+        None, description="Keep only interactions with rating >= this value (unset = keep all)."
+    )
+    min_user_interactions: int = Field(
+        3, ge=3, description="Users with fewer interactions are dropped (and counted): leave-one-out needs 3."
+    )
+    empty_titles: Literal["drop", "placeholder"] = Field(
+        "drop",
+        description="Items whose title is empty after normalisation: `drop` them and their interactions "
+        "(counted), or give them the `placeholder` title 'item <id>'.",
+    )
+    normalize_titles: bool = Field(
+        True,
+        description="Normalise titles: Unicode NFC, HTML entities, whitespace, MovieLens 'Title, The' order.",
+    )
+    max_users: int | None = Field(
+        None, ge=1, description="Keep only the first N users by id (quick runs); unset = all users."
+    )
+
+
+class SynthConfig(_Section):
+    """Synthetic catalogue and interaction generator."""
+
+    items: int = Field(10_000, ge=1, description="Number of items in the catalogue.")
+    users: int = Field(1_000, ge=1, description="Number of users.")
+    genres: int = Field(18, ge=1, le=18, description="Number of genres; each item has one primary genre.")
+    zipf_a: float = Field(1.1, gt=1.0, description="Zipf exponent of item popularity within a genre.")
+    mean_session_len: float = Field(20.0, ge=3.0, description="Mean number of interactions per user.")
+    min_session_len: int = Field(5, ge=3, description="Minimum interactions per user.")
+    genre_coherence: float = Field(
+        0.8, ge=0.0, le=1.0, description="Probability that an interaction comes from one of the user's genres."
+    )
+    chunk_items: int = Field(200_000, ge=1_000, description="Items generated and written per Parquet row group.")
+    chunk_users: int = Field(20_000, ge=100, description="Users generated and written per Parquet row group.")
+    seed: int = Field(0, description="Random seed; the same seed gives the same files.")
+
+
+class RunConfig(_Section):
+    """Where a run writes and how it is seeded."""
+
+    out: str = Field("runs/default", description="The run directory every stage writes into.")
+    seed: int = Field(0, description="Global random seed.")
+
+
+class LaneConfig(_Section):
+    """The whole configuration: one section per stage."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run directory and seed.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset loading and preprocessing.")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic data generator.")
+
+
+def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return f"config field '{loc}': unknown field"
+    shown = repr(err.get("input"))
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"config field '{loc}': {msg}, got {shown}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.field=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.field=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override '{text}' names no field")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"config field '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> LaneConfig:
+    """Build a :class:`LaneConfig` from defaults, an optional YAML file and overrides.
+
+    ``overrides`` are ``section.field=value`` strings; ``values`` maps dotted keys to already-typed values
+    (what command-line flags such as ``--dataset`` set). Later sources win.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            raise ConfigError(f"{p}: {where}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    for key, value in (values or {}).items():
+        _set_path(tree, key.split("."), value)
+    try:
+        return LaneConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + _format_validation_error(exc)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The configuration as YAML (what ``--config`` reads back)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
