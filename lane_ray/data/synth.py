@@ -60,9 +60,9 @@ _NAME = ("Harry Maria Jack Lucy Max Nora Sam Rosa Leo Iris Frank Vera Oscar Ada 
 _SUFFIX = ("", "", "", "", "", "", "", "", " II", " 2", " III", " Returns", ": The Beginning", " Redux",
            ": Part Two", " Forever")
 _PATTERNS = (
-    "The {a} {g}", "{g} of the {a} {n}", "{p}'s {n}", "{a} {n} in {c}", "The {n} and the {g}",
-    "{g}: {a} {n}", "A {a} {g}", "{n} of {c}", "Return to {c}", "{a} {g}, {a2} {n}", "The {g} Ultimatum",
-    "Escape from {c}", "{p} and the {a} {g}", "Beyond the {a} {n}",
+    "The {a} {g}", "{g} of the {a} {n}", "{p}'s {a} {n}", "{a} {n} in {c}", "The {n} and the {a} {g}",
+    "{g}: {a} {n}", "{A} {a} {g}", "{a} {n} of {c}", "Return to the {a} {g}", "{a} {g}, {a2} {n}",
+    "The {c} {g}", "Escape from the {a} {n}", "{p} and the {a} {g}", "Beyond the {a} {n}",
 )
 
 
@@ -80,14 +80,19 @@ def item_titles(item_ids: np.ndarray, num_genres: int, seed: int) -> tuple[list[
     nn, c, p = rng.integers(len(_NOUN), size=n), rng.integers(len(_PLACE), size=n), rng.integers(len(_NAME), size=n)
     g = rng.integers(12, size=n)
     suf = rng.integers(len(_SUFFIX), size=n)
+    sub = rng.random(n) < 0.25
+    n2 = rng.integers(len(_NOUN), size=n)
     second = rng.integers(num_genres, size=n)
     years = rng.integers(1930, 2024, size=n)
     gw = [_words(GENRES[k]) for k in range(num_genres)]
     titles, genres = [], []
     for k in range(n):
         gi = int(genre_idx[k])
-        t = _PATTERNS[pat[k]].format(a=_ADJ[a[k]], a2=_ADJ[a2[k]], n=_NOUN[nn[k]], c=_PLACE[c[k]], p=_NAME[p[k]],
+        adj = _ADJ[a[k]]
+        t = _PATTERNS[pat[k]].format(A="An" if adj[0] in "AEIOU" else "A", a=adj, a2=_ADJ[a2[k]], n=_NOUN[nn[k]], c=_PLACE[c[k]], p=_NAME[p[k]],
                                      g=gw[gi][g[k] % len(gw[gi])])
+        if sub[k]:  # a subtitle keeps large catalogues from repeating titles too often
+            t += f": {_ADJ[a2[k]]} {_NOUN[n2[k]]}"
         titles.append(t + _SUFFIX[suf[k]])
         s = int(second[k])
         genres.append(GENRES[gi] if s == gi or s % 3 else f"{GENRES[gi]}|{GENRES[s]}")

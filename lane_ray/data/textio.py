@@ -58,6 +58,15 @@ def _physical_line(data: bytes, data_index: int, header_lines: int) -> int:
     return header_lines + data_index + 1
 
 
+def _line_with_text(data: bytes, text: str, encoding: str) -> int | None:
+    """1-based number of the first line whose text is ``text`` (pyarrow does not always give row numbers)."""
+    target = text.rstrip("\r\n").encode(encoding, errors="replace")
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if line.rstrip(b"\r") == target:
+            return lineno
+    return None
+
+
 def _first_bad_utf8(data: bytes, delimiter: str, names: list[str], header_lines: int) -> tuple[int, str, bytes]:
     for lineno, line in enumerate(data.splitlines(), start=1):
         try:
@@ -128,7 +137,7 @@ class DelimitedTable:
         except pa.ArrowInvalid as exc:
             if bad_rows:
                 row = bad_rows[0]
-                line = row.number if row.number is not None else None
+                line = row.number if row.number is not None else _line_with_text(data, row.text, encoding)
                 raise DataError(
                     f"expected {row.expected_columns} fields ({', '.join(column_names)}), "
                     f"got {row.actual_columns}: {row.text[:80]!r}",
