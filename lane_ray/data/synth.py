@@ -48,7 +48,8 @@ _GENRE_WORDS = {
 _ADJ = ("Last First Dark Silent Golden Broken Hidden Lost Eternal Wild Secret Final Crimson Midnight Frozen "
         "Burning Lonely Brave Savage Distant Forgotten Endless Iron Scarlet Hollow Restless Fallen Sacred "
         "Shattered Bitter Electric Quiet Velvet Wicked Gentle Reckless Northern Little Big Long Blue Black "
-        "White Red Green Silver Stolen Second Perfect Impossible Dangerous Strange Curious Lucky Crooked Bright").split()
+        "White Red Green Silver Stolen Second Perfect Impossible Dangerous Strange Curious Lucky Crooked "
+        "Bright").split()
 _NOUN = ("Night Road River City Dream Game Heart Sky House Storm Shadow Garden Light Song Sea Mountain Fire "
          "Road Moon Star Town Summer Winter Truth Promise Kingdom Empire Island Forest Mirror Door Letter Voice "
          "Machine Station Harbor Tower Hour Journey Secret Child Stranger Brother Sister Father Mother King "
@@ -89,8 +90,10 @@ def item_titles(item_ids: np.ndarray, num_genres: int, seed: int) -> tuple[list[
     for k in range(n):
         gi = int(genre_idx[k])
         adj = _ADJ[a[k]]
-        t = _PATTERNS[pat[k]].format(A="An" if adj[0] in "AEIOU" else "A", a=adj, a2=_ADJ[a2[k]], n=_NOUN[nn[k]], c=_PLACE[c[k]], p=_NAME[p[k]],
-                                     g=gw[gi][g[k] % len(gw[gi])])
+        t = _PATTERNS[pat[k]].format(
+            A="An" if adj[0] in "AEIOU" else "A", a=adj, a2=_ADJ[a2[k]], n=_NOUN[nn[k]], c=_PLACE[c[k]],
+            p=_NAME[p[k]], g=gw[gi][g[k] % len(gw[gi])],
+        )
         if sub[k]:  # a subtitle keeps large catalogues from repeating titles too often
             t += f": {_ADJ[a2[k]]} {_NOUN[n2[k]]}"
         titles.append(t + _SUFFIX[suf[k]])
