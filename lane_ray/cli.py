@@ -19,7 +19,6 @@ FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 
 # Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
 PENDING = {
-    "embed": "catalogue title embedding with Ray Data",
     "preferences": "LLM preference extraction",
     "train": "model training with Ray Train",
     "evaluate": "evaluation (full ranking and sampled-100)",
@@ -79,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default: config synth.seed)")
     p.set_defaults(func=cmd_data_synth)
 
+    p = sub.add_parser("embed", help="embed catalogue titles with Ray Data (incremental, resumable)")
+    _common(p)
+    p.add_argument("--catalog", metavar="PATH", help="catalogue Parquet (default: OUT/data/catalog.parquet)")
+    p.set_defaults(func=cmd_embed)
+
     for name, what in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not available in this version)")
         _common(p)
@@ -104,7 +108,7 @@ def _config(args: argparse.Namespace, **flags: Any):
         values["data.dataset"] = args.dataset
     if getattr(args, "format", None) is not None:
         values["data.format"] = args.format
-    if getattr(args, "out", None) is not None:
+    if getattr(args, "out", None) is not None and not args.out.endswith(".parquet"):
         values["run.out"] = args.out
     return load_config(args.config, args.overrides, values)
 
@@ -174,6 +178,41 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_paths(out: str | None, catalog: str | None, run_out: str) -> tuple[Path, Path]:
+    """``--out`` is the embeddings path when it ends in .parquet, else the run directory."""
+    if out is not None and out.endswith(".parquet"):
+        dest = Path(out)
+        run_dir = dest.parent
+    else:
+        run_dir = Path(out or run_out)
+        dest = run_dir / "item_embeddings.parquet"
+    cat = Path(catalog) if catalog else run_dir / "data" / "catalog.parquet"
+    if not cat.exists():
+        raise LaneError(f"{cat}: no catalogue here; run `lane data prepare DATASET --out {run_dir}` or pass --catalog")
+    return cat, dest
+
+
+def _embed(cfg, catalog: Path, dest: Path, quiet: bool, run_dir: Path | None) -> dict[str, Any]:
+    from lane_ray.pipeline.embed import embed_texts
+    from lane_ray.progress import Stage
+
+    with Stage("embed_catalog", run_dir, quiet=quiet) as st:
+        manifest = embed_texts(catalog, dest, cfg.embed, cfg.ray)
+        st.rows = manifest["embedded_now"]
+        st.extra = {"titles_per_s": round(manifest["embedded_now"] / manifest["embed_seconds"], 1)
+                    if manifest["embed_seconds"] else None, "reused": manifest["reused"]}
+    return manifest
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    catalog, dest = _embed_paths(args.out, args.catalog, cfg.run.out)
+    m = _embed(cfg, catalog, dest, args.quiet, dest.parent)
+    print(f"{dest}: {m['rows']} embeddings (dim {m['dim']}): {m['embedded_now']} new, {m['reused']} reused, "
+          f"{m['rejected']} rejected")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline on one run directory; each stage is skipped when its output is current."""
     from lane_ray.progress import log
@@ -185,6 +224,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     (out / "config.yaml").write_text(dump_config(cfg))
     summary = _prepare(cfg, args.quiet, force=args.force)
+    catalog, dest = _embed_paths(str(out), None, cfg.run.out)
+    _embed(cfg, catalog, dest, args.quiet, out)
     s = summary["stats"]
     if not args.quiet:
         log(f"run complete: {out} ({s['users']} users, {s['items']} items, {s['interactions']} interactions)")

