@@ -19,7 +19,6 @@ FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 
 # Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
 PENDING = {
-    "preferences": "LLM preference extraction",
     "train": "model training with Ray Train",
     "evaluate": "evaluation (full ranking and sampled-100)",
     "explain": "chain-of-thought explanations",
@@ -82,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--catalog", metavar="PATH", help="catalogue Parquet (default: OUT/data/catalog.parquet)")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("preferences", help="LLM preferences for every user's train prefix (Ray Data, cached)")
+    _common(p)
+    _dataset_args(p, positional=False)
+    p.add_argument("--max-users", type=int, help="only the first N users by id")
+    p.set_defaults(func=cmd_preferences)
 
     for name, what in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not available in this version)")
@@ -210,6 +215,53 @@ def cmd_embed(args: argparse.Namespace) -> int:
     m = _embed(cfg, catalog, dest, args.quiet, dest.parent)
     print(f"{dest}: {m['rows']} embeddings (dim {m['dim']}): {m['embedded_now']} new, {m['reused']} reused, "
           f"{m['rejected']} rejected")
+    return 0
+
+
+def _backend_kwargs(cfg) -> tuple[dict[str, Any], str]:
+    """Constructor arguments of the configured LLM backend and the model id used in cache keys."""
+    llm = cfg.llm
+    if llm.backend != "transformers":
+        from lane_ray.llm import make_backend
+
+        make_backend(llm.backend)  # raises a one-line ConfigError for backends not available here
+    from lane_ray.llm.transformers_backend import llm_id
+
+    kwargs = {"model": llm.model, "device": llm.device, "dtype": llm.dtype, "num_threads": llm.threads_per_actor,
+              "max_prompt_tokens": llm.max_prompt_tokens}
+    return kwargs, llm_id(llm.model)
+
+
+def _preferences(cfg, quiet: bool) -> dict[str, Any]:
+    from lane_ray.data import read_prepared
+    from lane_ray.llm.preferences import ExtractionSettings
+    from lane_ray.pipeline.cluster import init_ray
+    from lane_ray.pipeline.preferences import run_preferences, user_histories
+    from lane_ray.progress import Stage
+
+    out = Path(cfg.run.out)
+    kwargs, model_id = _backend_kwargs(cfg)
+    pc = cfg.preferences
+    with Stage("preferences", out, quiet=quiet) as st:
+        prepared = read_prepared(out)
+        users = user_histories(prepared.interactions, prepared.catalog, pc.max_users)
+        settings = ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
+                                      item_noun=pc.item_noun, max_retries=pc.max_retries,
+                                      max_slot_tokens=pc.max_slot_tokens, temperature=pc.temperature, seed=pc.seed)
+        init_ray(cfg.ray)
+        manifest = run_preferences(users, out / "preferences.parquet", cfg.llm.backend, kwargs, settings, model_id,
+                                   pc.batch_size, pc.max_actors, pc.cpus_per_actor, pc.gpus_per_actor)
+        st.rows = manifest["extracted_now"]
+        st.extra = {k: manifest[k] for k in ("tokens_per_s", "users_per_s", "status") if k in manifest}
+    return manifest
+
+
+def cmd_preferences(args: argparse.Namespace) -> int:
+    cfg = _config(args, **{"preferences.max_users": args.max_users})
+    _prepare(cfg, args.quiet)
+    m = _preferences(cfg, args.quiet)
+    print(f"{Path(cfg.run.out) / 'preferences.parquet'}: {m['users']} users ({m['extracted_now']} extracted now, "
+          f"{m['cached']} cached); status {m['status']}")
     return 0
 
 

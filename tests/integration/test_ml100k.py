@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +39,17 @@ def test_prepare_then_split_without_leakage(tmp_path):
     assert int(split.train_lengths().sum()) == 100000 - 2 * 943
 
 
-def test_installed_entry_point_and_job_module(tmp_path):
+def test_installed_entry_point_and_job_module(ray_cluster, tmp_path):
     exe = Path(sys.executable).parent / "lane"
     if not exe.exists():
         pytest.skip("the lane console script is not installed next to this interpreter")
-    out = subprocess.run([str(exe), "run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}  # the session's cluster, not a second one
+    out = subprocess.run([str(exe), "run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "data" / "catalog.parquet").exists() and (tmp_path / "config.yaml").exists()
+    assert json.loads((tmp_path / "item_embeddings.parquet" / "_manifest.json").read_text())["rows"] == 1682
     job = subprocess.run([sys.executable, "jobs/pipeline.py", "--out", str(tmp_path)], capture_output=True,
-                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+                         text=True, timeout=600, cwd=Path(__file__).resolve().parents[2], env=env)
     assert job.returncode == 0 and "skipped (output is current)" in job.stderr
+    assert "0 to embed" in job.stderr  # the embeddings are current too

@@ -36,16 +36,6 @@ def test_prepare_writes_canonical_tables(capsys, ml100k_dir, run_dir):
     assert timings["data"]["rows"] == 10 and timings["data"]["peak_rss_mb"] > 0
 
 
-def test_run_skips_current_stage_and_redoes_on_change(capsys, ml100k_dir, run_dir):
-    args = ["run", "--dataset", str(ml100k_dir), "--out", str(run_dir)]
-    assert run(capsys, *args)[0] == 0
-    rc, out, err = run(capsys, *args)
-    assert rc == 0 and "skipped (output is current)" in err and out.strip() == str(run_dir)
-    rc, _, err = run(capsys, *args, "--set", "data.max_users=2")
-    assert rc == 0 and "data: done" in err
-    assert json.loads((run_dir / "data" / "prepare.json").read_text())["stats"]["users"] == 2
-
-
 def test_synth(capsys, run_dir):
     rc, out, _ = run(capsys, "data", "synth", "--items", "500", "--users", "50", "--out", str(run_dir), "-q")
     assert rc == 0 and "50 users, 500 items" in out

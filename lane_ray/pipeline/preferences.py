@@ -1,0 +1,169 @@
+"""Ray Data stage: every user's train prefix -> LLM preferences (``preferences.parquet``), cached.
+
+Rows are keyed by (user_id, history SHA-1, prompt version, model id): a re-run or a resumed run only asks
+the LLM for users whose key is missing. LLM actors (one backend loaded per actor) process batches of users;
+each batch is written as one atomic part file, so a killed job keeps every finished batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from lane_ray.data.split import LeaveOneOutSplit
+from lane_ray.io import read_parquet, write_json
+from lane_ray.llm.preferences import ExtractionSettings, UserHistory, extract_batch
+from lane_ray.llm.prompts import PREFERENCE_PROMPT_VERSION, HistoryItem
+from lane_ray.pipeline.sink import make_part_sink, part_files, remove_unfinished, write_part
+from lane_ray.progress import RssSampler, log
+from lane_ray.text.rows import key64, text_sha1
+
+PREFERENCES_SCHEMA = pa.schema([
+    ("user_id", pa.int64()), ("preferences", pa.list_(pa.string())), ("status", pa.string()),
+    ("history_sha1", pa.string()), ("model", pa.string()), ("prompt_version", pa.string()), ("raw", pa.string()),
+    ("new_tokens", pa.int64()), ("rejected", pa.string()),
+])
+
+
+def user_histories(interactions: pa.Table, catalog: pa.Table, max_users: int | None = None) -> list[UserHistory]:
+    """Train prefixes (never validation or test items) as prompt-ready histories, users in id order."""
+    split = LeaveOneOutSplit.from_interactions(interactions)
+    cols = catalog.column_names
+    meta = {
+        int(i): (t, g, y)
+        for i, t, g, y in zip(
+            catalog["item_id"].to_pylist(), catalog["title"].to_pylist(),
+            catalog["genres"].to_pylist() if "genres" in cols else [None] * catalog.num_rows,
+            catalog["year"].to_pylist() if "year" in cols else [None] * catalog.num_rows, strict=True,
+        )
+    }
+    n = split.num_users if max_users is None else min(max_users, split.num_users)
+    out = []
+    for i in range(n):
+        prefix = split.train_prefix(i)
+        split.check_history(i, prefix)  # the guard: only train items reach a prompt
+        out.append(UserHistory(int(split.user_ids[i]), [HistoryItem(*meta[int(x)]) for x in prefix]))
+    return out
+
+
+def _keys(user_ids: np.ndarray, history_sha1: list[str], model: str, prompt_version: str) -> np.ndarray:
+    return key64([np.asarray(user_ids, dtype=np.int64)], [text_sha1(f"{h}|{model}|{prompt_version}")
+                                                           for h in history_sha1])
+
+
+class ExtractBatch:
+    """Callable class for ``map_batches``: one LLM backend per actor, one generation round per batch."""
+
+    def __init__(self, backend_kind: str, backend_kwargs: dict[str, Any], settings: dict[str, Any]) -> None:
+        from lane_ray.llm import make_backend
+
+        self.backend = make_backend(backend_kind, **backend_kwargs)
+        self.settings = ExtractionSettings(**settings)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        users = [UserHistory(int(u), [HistoryItem(*it) for it in json.loads(h)])
+                 for u, h in zip(batch["user_id"].to_pylist(), batch["history"].to_pylist(), strict=True)]
+        counter = getattr(self.backend, "count_tokens", None)
+        results = extract_batch(users, self.backend, self.settings, counter)
+        return pa.Table.from_pylist([{
+            "user_id": r.user_id, "preferences": r.preferences, "status": r.status,
+            "history_sha1": r.history_sha1, "model": self.backend.model_id,
+            "prompt_version": PREFERENCE_PROMPT_VERSION, "raw": r.raw, "new_tokens": r.new_tokens,
+            "rejected": json.dumps(r.rejected, sort_keys=True),
+        } for r in results], schema=PREFERENCES_SCHEMA)
+
+
+def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, backend_kwargs: dict[str, Any],
+                    settings: ExtractionSettings, model_id: str, batch_size: int, actors: int,
+                    cpus_per_actor: float, gpus_per_actor: float, use_ray: bool = True) -> dict[str, Any]:
+    """Extract preferences for ``users`` into the part directory ``out``; returns the manifest."""
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    unfinished = remove_unfinished(out)
+    sha = [u.sha1(settings.with_attributes) for u in users]
+    ids = np.array([u.user_id for u in users], dtype=np.int64)
+    current = _keys(ids, sha, model_id, PREFERENCE_PROMPT_VERSION)
+    have = np.zeros(0, np.uint64)
+    parts = part_files(out)
+    if parts:
+        t = read_parquet(out, columns=["user_id", "history_sha1", "model", "prompt_version"])
+        have = np.array([int(k) for k in key64(
+            [t["user_id"].to_numpy()],
+            [text_sha1(f"{h}|{m}|{p}") for h, m, p in zip(t["history_sha1"].to_pylist(), t["model"].to_pylist(),
+                                                          t["prompt_version"].to_pylist(), strict=True)])],
+            dtype=np.uint64)
+    todo = ~np.isin(current, have)
+    todo_users = [u for u, t in zip(users, todo, strict=True) if t]
+    log(f"preferences: {len(users):,} users, {len(users) - len(todo_users):,} cached, {len(todo_users):,} to extract")
+    ray_info: dict[str, Any] = {}
+    settings_d = settings.__dict__.copy()
+    with RssSampler() as rss:
+        if todo_users:
+            table = pa.table({
+                "user_id": pa.array([u.user_id for u in todo_users], pa.int64()),
+                "history": pa.array([json.dumps([[it.title, it.genres, it.year] for it in u.items])
+                                     for u in todo_users], pa.string()),
+            })
+            t1 = time.perf_counter()
+            if use_ray:
+                import ray
+
+                n_blocks = max(1, math.ceil(len(todo_users) / batch_size))
+                ds = ray.data.from_arrow(table).repartition(n_blocks)
+                ds = ds.map_batches(ExtractBatch, batch_format="pyarrow", batch_size=batch_size,
+                                    concurrency=(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+                                    fn_constructor_kwargs={"backend_kind": backend_kind,
+                                                           "backend_kwargs": backend_kwargs,
+                                                           "settings": settings_d})
+                ds.write_datasink(make_part_sink(out))
+            else:  # in-process (tests, debugging): same code path minus Ray
+                worker = ExtractBatch(backend_kind, backend_kwargs, settings_d)
+                for start in range(0, table.num_rows, batch_size):
+                    write_part(out, worker(table.slice(start, batch_size)))
+            ray_info = {"seconds": round(time.perf_counter() - t1, 3), "blocks": math.ceil(len(todo_users) /
+                                                                                          batch_size)}
+    # compaction: one row per current key
+    table = read_parquet(out) if part_files(out) else pa.table({c: [] for c in PREFERENCES_SCHEMA.names})
+    keys = _keys(table["user_id"].to_numpy(), table["history_sha1"].to_pylist(), model_id,
+                 PREFERENCE_PROMPT_VERSION) if table.num_rows else np.zeros(0, np.uint64)
+    first = np.zeros(keys.size, dtype=bool)
+    first[np.unique(keys, return_index=True)[1]] = True
+    live = np.isin(keys, current) & first
+    if not live.all():
+        kept = table.filter(pa.array(live))
+        for p in part_files(out):
+            p.unlink()
+        if kept.num_rows:
+            write_part(out, kept)
+    final = read_parquet(out)
+    status = dict(zip(*np.unique(np.asarray(final["status"].to_pylist()), return_counts=True), strict=True))
+    manifest = {
+        "users": final.num_rows, "extracted_now": len(todo_users), "cached": len(users) - len(todo_users),
+        "status": {k: int(v) for k, v in status.items()}, "model": model_id,
+        "prompt_version": PREFERENCE_PROMPT_VERSION, "m": settings.m, "seconds": round(time.perf_counter() - t0, 3),
+        "extract_seconds": ray_info.get("seconds", 0.0), "discarded_unfinished_writes": unfinished,
+        "driver_peak_rss_mb": rss.peak_mb,
+    }
+    if todo_users and ray_info.get("seconds"):
+        now = final.filter(pa.array(np.isin(final["user_id"].to_numpy(), [u.user_id for u in todo_users])))
+        toks = int(np.sum(now["new_tokens"].to_numpy()))
+        manifest["new_tokens"] = toks
+        manifest["tokens_per_s"] = round(toks / ray_info["seconds"], 1)
+        manifest["users_per_s"] = round(len(todo_users) / ray_info["seconds"], 3)
+    if final.num_rows != len(users):
+        raise RuntimeError(f"{out}: expected {len(users)} users after the run, found {final.num_rows}")
+    write_json(out / "_manifest.json", manifest)
+    return manifest
+
+
+def read_preferences(path: str | Path) -> pa.Table:
+    return read_parquet(path)
+
+
+__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "read_preferences", "run_preferences", "user_histories"]

@@ -1,0 +1,60 @@
+"""Atomic part files: the datasink every resumable stage writes through, and the helpers that read and
+compact what it wrote."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PART_PREFIX = "part-"
+
+
+def write_part(out: Path, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> Path:
+    """Write ``table`` as ``out/part-<uuid>.parquet`` through a temporary name, fsync and rename."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+    tmp = out / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / name)
+    return out / name
+
+
+def make_part_sink(out: Path, metadata: dict[bytes, bytes] | None = None) -> Any:
+    """A Ray Data ``Datasink`` writing each block as one part file (whole or not at all)."""
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class AtomicPartSink(Datasink):
+        def write(self, blocks: Iterable[Any], ctx: Any) -> int:
+            rows = 0
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                if table.num_rows:
+                    write_part(out, table, metadata)
+                    rows += table.num_rows
+            return rows
+
+    return AtomicPartSink()
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(out.glob(f"{PART_PREFIX}*.parquet")) if out.exists() else []
+
+
+def remove_unfinished(out: Path) -> int:
+    """Delete temporary files of writes that never finished; return how many."""
+    n = 0
+    if out.exists():
+        for tmp in out.glob(f".{PART_PREFIX}*"):
+            tmp.unlink()
+            n += 1
+    return n

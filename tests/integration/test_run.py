@@ -1,0 +1,26 @@
+"""`lane run` on a shared local Ray cluster: stages are skipped when their output is current."""
+
+from __future__ import annotations
+
+import json
+
+from lane_ray.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_run_skips_current_stage_and_redoes_on_change(ray_cluster, capsys, ml100k_dir, run_dir):
+    args = ["run", "--dataset", str(ml100k_dir), "--out", str(run_dir)]
+    assert run(capsys, *args)[0] == 0
+    rc, out, err = run(capsys, *args)
+    assert rc == 0 and "skipped (output is current)" in err and out.strip() == str(run_dir)
+    rc, _, err = run(capsys, *args, "--set", "data.max_users=2")
+    assert rc == 0 and "data: done" in err
+    assert json.loads((run_dir / "data" / "prepare.json").read_text())["stats"]["users"] == 2
+    assert (run_dir / "item_embeddings.parquet" / "_manifest.json").exists()
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert {"data", "embed_catalog"} <= set(timings)
