@@ -48,7 +48,7 @@ def test_synth(capsys, run_dir):
         (["data", "stats", "no-such-set"], "unknown dataset 'no-such-set'"),
         (["data", "stats", "ml-100k", "--set", "data.user_k_core=x"], "config field 'data.user_k_core'"),
         (["data", "synth", "--items", "0", "--out", "x"], "config field 'synth.items'"),
-        (["embed"], "not available in this version"),
+        (["train"], "not available in this version"),
         (["data", "prepare", "ml-100k"], "--out DIR is required"),
     ],
 )
