@@ -25,8 +25,6 @@ import json
 import math
 import os
 import time
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +37,12 @@ import pyarrow.parquet as pq
 from lane_ray.config import EmbedConfig, RayConfig
 from lane_ray.errors import DataError
 from lane_ray.io import parquet_files, write_json, write_parquet
+from lane_ray.pipeline.sink import PART_PREFIX, make_part_sink
 from lane_ray.progress import RssSampler, log
 from lane_ray.text.rows import batch_keys, clean_texts, id64, key64
 
 ENCODER_META = b"lane.encoder"
 DIM_META = b"lane.dim"
-PART_PREFIX = "part-"
 
 
 @dataclass(frozen=True)
@@ -210,32 +208,6 @@ class EncodeBatch:
                          "embedding": emb})
 
 
-def _make_sink(out: Path, enc_id: str, dim: int):
-    from ray.data import Datasink
-    from ray.data.block import BlockAccessor
-
-    class AtomicPartSink(Datasink):
-        """Writes each block as one part file: temporary name, fsync, rename."""
-
-        def write(self, blocks: Iterable[Any], ctx: Any) -> int:
-            rows = 0
-            for block in blocks:
-                table = BlockAccessor.for_block(block).to_arrow()
-                if table.num_rows == 0:
-                    continue
-                table = table.replace_schema_metadata({ENCODER_META: enc_id.encode(), DIM_META: str(dim).encode()})
-                name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
-                tmp = out / f".{name}.tmp"
-                pq.write_table(table, tmp)
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, out / name)
-                rows += table.num_rows
-            return rows
-
-    return AtomicPartSink()
-
-
 def _pool(cfg: EmbedConfig, resources: dict[str, float]) -> dict[str, Any]:
     gpus = resources.get("GPU", 0)
     use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus >= cfg.gpus_per_actor)
@@ -278,7 +250,7 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, todo: np.ndarray, row
                                "fp16": cfg.fp16, "num_threads": pool["threads"], "key_columns": spec.key_columns,
                                "niceness": cfg.actor_niceness},
     )
-    ds.write_datasink(_make_sink(out, enc_id, dim))
+    ds.write_datasink(make_part_sink(out, {ENCODER_META: enc_id.encode(), DIM_META: str(dim).encode()}))
     return {"seconds": round(time.perf_counter() - t0, 3), "actors_max": pool["max"], "threads": pool["threads"],
             "use_gpu": pool["use_gpu"], "blocks": n_blocks}
 
