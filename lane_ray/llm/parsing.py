@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +19,10 @@ _PLACEHOLDER = re.compile(
 _WORD = re.compile(r"[a-z0-9']+")
 
 
-def _balanced_span(text: str, start: int) -> str:
-    """The text from ``start`` to the bracket that closes it (or the end), honouring strings."""
-    depth, in_str, esc = 0, False, False
+def _structural(text: str, start: int = 0, state: dict[str, bool] | None = None) -> Iterator[tuple[int, str]]:
+    """(index, char) of the characters outside JSON strings (quotes excluded), escapes honoured. When given,
+    ``state["open_string"]`` tells afterwards whether the text ends inside a string."""
+    in_str, esc = False, False
     for i in range(start, len(text)):
         ch = text[i]
         if in_str:
@@ -30,10 +32,19 @@ def _balanced_span(text: str, start: int) -> str:
                 esc = True
             elif ch == '"':
                 in_str = False
-            continue
-        if ch == '"':
+        elif ch == '"':
             in_str = True
-        elif ch in "[{":
+        else:
+            yield i, ch
+    if state is not None:
+        state["open_string"] = in_str
+
+
+def _balanced_span(text: str, start: int) -> str:
+    """The text from ``start`` to the bracket that closes it (or the end), honouring strings."""
+    depth = 0
+    for i, ch in _structural(text, start):
+        if ch in "[{":
             depth += 1
         elif ch in "]}":
             depth -= 1
@@ -44,23 +55,14 @@ def _balanced_span(text: str, start: int) -> str:
 
 def _close_open(text: str) -> str:
     """Close an unterminated string and any open brackets (truncated generations)."""
-    stack, in_str, esc = [], False, False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "[{":
+    stack: list[str] = []
+    state: dict[str, bool] = {}
+    for _, ch in _structural(text, 0, state):
+        if ch in "[{":
             stack.append("]" if ch == "[" else "}")
         elif ch in "]}" and stack:
             stack.pop()
-    out = text + ('"' if in_str else "")
+    out = text + ('"' if state["open_string"] else "")
     out = re.sub(r",\s*$", "", out)
     return out + "".join(reversed(stack))
 

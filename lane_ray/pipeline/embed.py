@@ -336,16 +336,15 @@ def _model_dim(model: str) -> int:
     from lane_ray.text import locate_model
 
     folder = locate_model(model)
-    for cfg_file in (folder / "config.json",):
-        if cfg_file.exists():
-            conf = json.loads(cfg_file.read_text())
-            for key in ("hidden_size", "d_model", "dim"):
-                if key in conf:
-                    dense = sorted(folder.glob("*Dense*/config.json"))
-                    if dense:  # a Dense head changes the output size
-                        return int(json.loads(dense[-1].read_text())["out_features"])
-                    return int(conf[key])
-    from lane_ray.text import TextEncoder
+    dense = sorted(folder.glob("*Dense*/config.json"))
+    if dense:  # a Dense head sets the output size
+        return int(json.loads(dense[-1].read_text())["out_features"])
+    conf_file = folder / "config.json"
+    conf = json.loads(conf_file.read_text()) if conf_file.exists() else {}
+    for key in ("hidden_size", "d_model", "dim"):
+        if key in conf:
+            return int(conf[key])
+    from lane_ray.text import TextEncoder  # no size in the configs: ask the model
 
     return TextEncoder(model, device="cpu").dim
 

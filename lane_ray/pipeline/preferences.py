@@ -93,11 +93,10 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
     parts = part_files(out)
     if parts:
         t = read_parquet(out, columns=["user_id", "history_sha1", "model", "prompt_version"])
-        have = np.array([int(k) for k in key64(
-            [t["user_id"].to_numpy()],
-            [text_sha1(f"{h}|{m}|{p}") for h, m, p in zip(t["history_sha1"].to_pylist(), t["model"].to_pylist(),
-                                                          t["prompt_version"].to_pylist(), strict=True)])],
-            dtype=np.uint64)
+        have = key64([t["user_id"].to_numpy()],
+                     [text_sha1(f"{h}|{m}|{p}") for h, m, p in zip(t["history_sha1"].to_pylist(),
+                                                                   t["model"].to_pylist(),
+                                                                   t["prompt_version"].to_pylist(), strict=True)])
     todo = ~np.isin(current, have)
     todo_users = [u for u, t in zip(users, todo, strict=True) if t]
     log(f"preferences: {len(users):,} users, {len(users) - len(todo_users):,} cached, {len(todo_users):,} to extract")
