@@ -52,9 +52,12 @@ from lane_ray.config import EmbedConfig, RayConfig
 from lane_ray.pipeline.embed import embed_texts
 path, out, tmp = sys.argv[1], sys.argv[2], sys.argv[6]
 threads, batch, cpus = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+nice = None if sys.argv[7] == "default" else int(sys.argv[7])
 from lane_ray.pipeline.cluster import init_ray
 init_ray(RayConfig(num_cpus=cpus, object_store_memory_mb=512, temp_dir=tmp))  # not timed
 cfg = EmbedConfig(batch_size=batch, threads_per_actor=threads, device="cpu")
+if nice is not None:
+    cfg = cfg.model_copy(update={"actor_niceness": nice})
 m = embed_texts(path, out, cfg, RayConfig())
 print(json.dumps({"seconds": m["embed_seconds"], "stage_seconds": m["seconds"], "rows": m["rows"]}))
 """
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-direct", action="store_true", help="only the Ray stage (memory runs)")
+    ap.add_argument("--actor-niceness", type=int, default=None,
+                    help="override embed.actor_niceness (e.g. 10 for a memory run beside other work)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     ap.add_argument("--out-json", type=Path, help="also write the JSON result here")
     args = ap.parse_args(argv)
@@ -114,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             direct_runs.append(d["rows"] / d["seconds"])
             result["direct_peak_rss_mb"] = dpeak["driver"]
         r, rpeak = _run_sampled([sys.executable, "-c", RAY, titles, str(Path(tmp) / "emb.parquet"), str(args.threads),
-                                 str(args.batch_size), str(os.cpu_count() or 1), str(Path(tmp) / "ray")], env)
+                                 str(args.batch_size), str(os.cpu_count() or 1), str(Path(tmp) / "ray"),
+                                 "default" if args.actor_niceness is None else str(args.actor_niceness)], env)
         result["ray_titles_per_s"] = round(r["rows"] / r["seconds"], 1)
         result["ray_seconds"] = round(r["seconds"], 2)
         result["ray_stage_seconds"] = round(r["stage_seconds"], 2)

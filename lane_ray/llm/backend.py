@@ -1,13 +1,23 @@
-"""The LLM backend protocol: batched chat generation with sampling parameters and an optional
-output constraint. Implementations: ``transformers`` (CPU/GPU, HF directory or GGUF), ``vllm`` (GPU, Ray
-Data's ``ray.data.llm``) and ``openai`` (any OpenAI-compatible server). Heavy imports stay inside them."""
+"""The LLM backend protocol: batched chat generation with sampling parameters and an optional output
+constraint. Implementations: ``transformers`` (CPU/GPU, HF directory or GGUF), ``vllm`` (GPU, Ray Data's
+``ray.data.llm``) and ``openai`` (any OpenAI-compatible server). Heavy imports stay inside them.
+
+Constraints are backend-neutral :class:`Template` values: a sequence of fixed text, free JSON-string text
+and choices among fixed options. The ``transformers`` backend enforces one with a logits processor; vLLM
+and OpenAI-compatible servers get the equivalent regular expression (:meth:`Template.to_regex`).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Union, runtime_checkable
 
 Messages = list[dict[str, str]]
+
+# Characters a free-text slot may not contain: it is the body of a JSON string, and brackets would let a
+# weak model start a new structure inside it.
+FORBIDDEN_FREE_CHARS = '"\\{}[]'
 
 
 @dataclass(frozen=True)
@@ -22,16 +32,81 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
-class JsonStringArray:
-    """Constrain output to ``<prefill>s1", "s2", ..., "sm"]}``: the assistant turn is pre-filled up to the
-    first string's opening quote; every slot is a string of ``min_tokens..max_tokens`` tokens without quotes,
-    backslashes, brackets or control characters. ``slots_done`` slots are already in the prefill."""
+class Text:
+    """Fixed text, emitted verbatim."""
 
-    m: int
-    prefill: str
-    slots_done: int = 0
-    min_tokens: int = 2
+    text: str
+
+
+@dataclass(frozen=True)
+class FreeText:
+    """The body of a JSON string: ``min_tokens..max_tokens`` tokens without quotes, backslashes, brackets
+    or control characters. It ends where the model writes the closing ``"``, so the next segment must be a
+    :class:`Text` starting with ``"``; after ``max_tokens`` the quote is forced."""
+
+    min_tokens: int = 1
     max_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Exactly one of ``options`` (fixed strings, e.g. genre names or ``low|medium|high``)."""
+
+    options: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.options or any(not o for o in self.options):
+            raise ValueError("Choice needs at least one non-empty option")
+
+
+Segment = Union[Text, FreeText, Choice]
+
+
+@dataclass(frozen=True)
+class Template:
+    """What the generated text (after the prefill) must look like: its segments in order, then EOS."""
+
+    segments: tuple[Segment, ...]
+
+    def __post_init__(self) -> None:
+        for i, seg in enumerate(self.segments):
+            if isinstance(seg, FreeText):
+                nxt = self.segments[i + 1] if i + 1 < len(self.segments) else None
+                if not (isinstance(nxt, Text) and nxt.text.startswith('"')):
+                    raise ValueError(f"segment {i}: FreeText must be followed by Text starting with '\"'")
+                if not 0 <= seg.min_tokens <= seg.max_tokens:
+                    raise ValueError(f"segment {i}: need 0 <= min_tokens <= max_tokens")
+
+    def to_regex(self, chars_per_token: int = 8) -> str:
+        """An equivalent regular expression (token bounds become character bounds), for engines with
+        regex-guided decoding (vLLM structured outputs, OpenAI-compatible servers that accept one)."""
+        parts = []
+        for seg in self.segments:
+            if isinstance(seg, Text):
+                parts.append(re.escape(seg.text))
+            elif isinstance(seg, Choice):
+                parts.append("(?:" + "|".join(re.escape(o) for o in seg.options) + ")")
+            else:
+                lo, hi = max(1, seg.min_tokens), max(1, seg.max_tokens * chars_per_token)
+                parts.append('[^"\\\\{}\\[\\]\\x00-\\x1f]{%d,%d}' % (lo if seg.min_tokens else 0, hi))
+        return "".join(parts)
+
+    def matches(self, text: str) -> bool:
+        """Whether ``text`` has this template's shape (character bounds as in :meth:`to_regex`)."""
+        return re.fullmatch(self.to_regex(chars_per_token=64), text, flags=re.DOTALL) is not None
+
+
+def json_string_array(m: int, slots_done: int = 0, min_tokens: int = 2, max_tokens: int = 16,
+                      close: str = "]}", head: tuple[Segment, ...] = ()) -> Template:
+    """The rest of ``[..."s1", "s2", ..., "sm"]<close>`` when generation starts inside string
+    ``slots_done + 1`` (the prefill ends with its opening quote). ``head`` segments open every slot
+    (e.g. a :class:`Choice` that grounds it in a vocabulary)."""
+    segs: list[Segment] = []
+    for k in range(slots_done, m):
+        segs.extend(head)
+        segs.append(FreeText(min_tokens, max_tokens))
+        segs.append(Text('", "' if k < m - 1 else '"' + close))
+    return Template(tuple(segs))
 
 
 @dataclass
@@ -46,9 +121,10 @@ class Generation:
 
 @runtime_checkable
 class LLMBackend(Protocol):
-    """Batched chat generation. ``prefill`` (optional) is the beginning of the assistant's reply."""
+    """Batched chat generation. ``prefill`` (optional) is the beginning of the assistant's reply; the
+    returned text continues it. With ``constraint``, the text matches it (see :class:`Template`)."""
 
     model_id: str
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
-                 constraint: JsonStringArray | None = None) -> list[Generation]: ...
+                 constraint: Template | None = None) -> list[Generation]: ...
