@@ -206,9 +206,20 @@ class PreferencesConfig(_Section):
     with_attributes: bool = Field(True, description="Show genres and year next to titles where the dataset has them.")
     item_noun: str = Field("movies", description="What the items are called in the prompt and in fallbacks.")
     max_retries: int = Field(2, ge=0, description="Rounds that re-sample rejected slots (new seed, hotter).")
-    max_slot_tokens: int = Field(14, ge=3, description="Token cap of one preference during constrained decoding.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the first round (0 = greedy).")
+    max_slot_tokens: int = Field(10, ge=3, description="Token cap of one preference during constrained decoding.")
+    min_slot_tokens: int = Field(2, ge=1, description="Free tokens a preference needs before it may end.")
+    grounding: Literal["vocabulary", "free"] = Field(
+        "vocabulary",
+        description="vocabulary: each preference opens with one of the dataset's genres or decades (enforced while "
+        "decoding; keeps a tiny model grounded); free: free text only (for larger models, or datasets without "
+        "attributes, where it is used automatically).",
+    )
+    embed: bool = Field(True, description="Also embed the preference texts (preference_embeddings.parquet).")
+    temperature: float = Field(0.3, ge=0, description="Sampling temperature of the first round (0 = greedy).")
     seed: int = Field(0, description="Sampling seed of the first round; retries add 1000 per round.")
+    frequency_penalty: float = Field(
+        1.0, ge=0, le=2, description="Lowers a token's logit by this times its earlier uses in the same reply "
+        "(OpenAI semantics): stops a small model from repeating one phrase in every preference.")
     batch_size: int = Field(32, ge=1, description="Users per generation call.")
     max_users: int | None = Field(None, ge=1, description="Only the first N users by id (unset = all).")
     max_actors: int = Field(1, ge=1, description="Maximum LLM actors (CPU: each holds a model copy).")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 Messages = list[dict[str, str]]
 
@@ -29,6 +29,9 @@ class GenerationParams:
     top_p: float = 0.95
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # OpenAI semantics: each generated token's logit is lowered by this times how often it was generated
+    # before in the same output (keeps a small model from copying one phrase into every slot)
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,26 +43,33 @@ class Text:
 
 @dataclass(frozen=True)
 class FreeText:
-    """The body of a JSON string: ``min_tokens..max_tokens`` tokens without quotes, backslashes, brackets
-    or control characters. It ends where the model writes the closing ``"``, so the next segment must be a
-    :class:`Text` starting with ``"``; after ``max_tokens`` the quote is forced."""
+    """The body of a JSON string: ``min_tokens..max_tokens`` tokens without quotes, backslashes, brackets or
+    control characters and, when ``chars`` is set, made of those characters only (e.g. letters and spaces:
+    words, not lists of years). It ends where the model writes the closing ``"``, so the next segment must
+    be a :class:`Text` starting with ``"``; after ``max_tokens`` the quote is forced. No token may appear twice
+    in one free text, nor a two-token sequence of an earlier free text of the same output (a small model's
+    loops and copies; enforced by the ``transformers`` backend only)."""
 
     min_tokens: int = 1
     max_tokens: int = 16
+    chars: str = ""
 
 
 @dataclass(frozen=True)
 class Choice:
-    """Exactly one of ``options`` (fixed strings, e.g. genre names or ``low|medium|high``)."""
+    """Exactly one of ``options`` (fixed strings, e.g. genre names or ``low|medium|high``). ``distinct``: an
+    option already picked by an earlier distinct Choice with the same options in this output is not offered
+    again (enforced by the ``transformers`` backend; regex engines cannot express it)."""
 
     options: tuple[str, ...]
+    distinct: bool = False
 
     def __post_init__(self) -> None:
         if not self.options or any(not o for o in self.options):
             raise ValueError("Choice needs at least one non-empty option")
 
 
-Segment = Union[Text, FreeText, Choice]
+Segment = Text | FreeText | Choice
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,12 @@ class Template:
             elif isinstance(seg, Choice):
                 parts.append("(?:" + "|".join(re.escape(o) for o in seg.options) + ")")
             else:
-                lo, hi = max(1, seg.min_tokens), max(1, seg.max_tokens * chars_per_token)
-                parts.append('[^"\\\\{}\\[\\]\\x00-\\x1f]{%d,%d}' % (lo if seg.min_tokens else 0, hi))
+                lo, hi = (1 if seg.min_tokens else 0), max(1, seg.max_tokens * chars_per_token)
+                if seg.chars:
+                    allowed = "".join(re.escape(c) for c in sorted(set(seg.chars) - set(FORBIDDEN_FREE_CHARS)))
+                    parts.append("[" + allowed + "]{" + f"{lo},{hi}" + "}")
+                else:
+                    parts.append('[^"\\\\{}\\[\\]\\x00-\\x1f]{' + f"{lo},{hi}" + "}")
         return "".join(parts)
 
     def matches(self, text: str) -> bool:
@@ -97,14 +111,14 @@ class Template:
 
 
 def json_string_array(m: int, slots_done: int = 0, min_tokens: int = 2, max_tokens: int = 16,
-                      close: str = "]}", head: tuple[Segment, ...] = ()) -> Template:
+                      close: str = "]}", head: tuple[Segment, ...] = (), chars: str = "") -> Template:
     """The rest of ``[..."s1", "s2", ..., "sm"]<close>`` when generation starts inside string
     ``slots_done + 1`` (the prefill ends with its opening quote). ``head`` segments open every slot
     (e.g. a :class:`Choice` that grounds it in a vocabulary)."""
     segs: list[Segment] = []
     for k in range(slots_done, m):
         segs.extend(head)
-        segs.append(FreeText(min_tokens, max_tokens))
+        segs.append(FreeText(min_tokens, max_tokens, chars))
         segs.append(Text('", "' if k < m - 1 else '"' + close))
     return Template(tuple(segs))
 

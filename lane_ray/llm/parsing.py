@@ -17,6 +17,10 @@ _PLACEHOLDER = re.compile(
     re.IGNORECASE,
 )
 _WORD = re.compile(r"[a-z0-9']+")
+# Words a phrase cut off by a token cap may end on ("... such as the"): trimmed from the end of a slot.
+_DANGLING = re.compile(
+    r"(?:\s+(?:a|an|and|are|as|at|by|for|from|in|into|is|it|its|of|on|or|such|that|the|their|to|was|were|which|"
+    r"who|with))+\s*$", re.IGNORECASE)
 
 
 def _structural(text: str, start: int = 0, state: dict[str, bool] | None = None) -> Iterator[tuple[int, str]]:
@@ -165,7 +169,7 @@ def check_preferences(candidates: list[str], m: int, history_titles: list[str],
         if len(out.accepted) >= m:
             out.reject("extra")
             continue
-        text = clean_text(c, 100).strip(" .,;:-\"'")
+        text = _DANGLING.sub("", clean_text(c, 100)).strip(" .,;:-\"'")
         if len(_norm(text)) < 3 or _PLACEHOLDER.match(text) or _PLACEHOLDER.match(_norm(text)):
             out.reject("placeholder")
         elif copies_title(text, titles_norm):

@@ -2,9 +2,13 @@
 
 For each user: the train prefix (most recent last, trimmed to a token budget, with genres and year where
 the dataset has them) goes into a versioned prompt; decoding is constrained to ``{"preferences": [m
-strings]}``; slots that are placeholders, copies of a history title or duplicates are rejected and
-re-sampled (up to ``max_retries`` rounds, new seed, higher temperature); what is still missing is filled
-from the history's dominant attributes. Every user gets exactly ``m`` preferences and a status:
+strings]}``, each string opening with one of the dataset's genres or decades when a vocabulary is given
+(``ExtractionSettings.vocabulary``: a tiny model stays grounded that way; larger models can go free) and
+free words without digits or list punctuation. Slots that are placeholders, copies of a history title or
+duplicates are rejected; users with missing slots are re-sampled together in one batched call per round
+(up to ``max_retries`` rounds, new seed, higher temperature) and the new valid candidates fill the missing
+slots; what is still missing is filled from the history's dominant attributes. Every user gets exactly
+``m`` preferences and a status:
 
 - ``ok``: the first generation gave ``m`` valid, distinct preferences as well-formed JSON;
 - ``repaired``: JSON repair or slot re-sampling was needed, but all ``m`` come from the LLM;
@@ -20,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lane_ray.llm.backend import GenerationParams, JsonStringArray, LLMBackend
+from lane_ray.llm.backend import Choice, GenerationParams, LLMBackend, json_string_array
 from lane_ray.llm.parsing import check_preferences, parse_preferences
 from lane_ray.llm.prompts import (
     PREFERENCE_PREFILL,
@@ -48,15 +52,42 @@ class UserHistory:
 
 @dataclass
 class ExtractionSettings:
+    """Knobs of :func:`extract_batch` (mirrors ``PreferencesConfig``)."""
+
     m: int = 5
     budget_tokens: int = 400
     with_attributes: bool = True
     item_noun: str = "movies"
     max_retries: int = 2
-    max_slot_tokens: int = 14
-    temperature: float = 0.7
+    max_slot_tokens: int = 10
+    min_slot_tokens: int = 2
+    vocabulary: tuple[str, ...] = ()  # each preference opens with one of these (empty: free text)
+    temperature: float = 0.3
     retry_temperature_step: float = 0.2
+    frequency_penalty: float = 1.0
     seed: int = 0
+
+    @property
+    def prompt_version(self) -> str:
+        """The prompt version recorded with (and keying the cache of) every result: the prompt text version,
+        plus the grounding vocabulary's hash when decoding is tied to one."""
+        if not self.vocabulary:
+            return PREFERENCE_PROMPT_VERSION
+        return f"{PREFERENCE_PROMPT_VERSION}+vocab-{hashlib.sha1('|'.join(self.vocabulary).encode()).hexdigest()[:8]}"
+
+
+def attribute_vocabulary(genres: list[str | None], years: list[str | None], min_items: int = 5) -> tuple[str, ...]:
+    """The dataset's own vocabulary for grounded slots: genres and release decades with at least
+    ``min_items`` items in the catalogue (``genres`` are "|"-separated; "unknown" is skipped)."""
+    counts: Counter[str] = Counter()
+    for g in genres:
+        for x in (g or "").split("|"):
+            if x.strip() and x.strip().lower() != "unknown":
+                counts[x.strip()] += 1
+    for y in years:
+        if y and y[:4].isdigit():
+            counts[f"{y[:3]}0s"] += 1
+    return tuple(sorted(k for k, n in counts.items() if n >= min_items))
 
 
 @dataclass
@@ -97,57 +128,54 @@ def fallback_preferences(items: list[HistoryItem], m: int, have: list[str], item
     return check.accepted
 
 
-def _prefill(accepted: list[str]) -> str:
-    return PREFERENCE_PREFILL + "".join(json.dumps(a, ensure_ascii=False)[1:-1] + '", "' for a in accepted)
+# Free words of a slot: lower-case letters and spaces only, so a small model writes a phrase, not a list of
+# years and genres copied from the history's attribute notes, a capitalised title, or runs of punctuation.
+SLOT_CHARS = "abcdefghijklmnopqrstuvwxyz "
+
+
+def slot_head(vocabulary: tuple[str, ...], item_noun: str) -> tuple[Choice, ...]:
+    """The fixed opening of a grounded slot: a vocabulary term not used by an earlier slot (so the m
+    preferences are distinct by construction and ordered as the model ranks the terms), then a connector
+    such as " movies about"; the free words follow ("Drama movies about" + " family bonds and loss")."""
+    if not vocabulary:
+        return ()
+    connectors = tuple(f" {item_noun} {w}" for w in ("with", "about", "set in", "full of", "that feel"))
+    return (Choice(vocabulary, distinct=True), Choice(connectors))
 
 
 def extract_batch(users: list[UserHistory], backend: LLMBackend, s: ExtractionSettings,
                   count_tokens: Callable[[str], int] | None = None) -> list[UserResult]:
-    """Preferences for one batch of users (one generation call per round)."""
+    """Preferences for one batch of users: one batched, constrained generation call per round."""
     state: dict[int, dict[str, Any]] = {}
     for u in users:
         titles = [it.title for it in u.items]
         lines = trim_history(u.items, s.budget_tokens, s.with_attributes, count_tokens)
-        state[u.user_id] = {"user": u, "titles": titles, "messages": preference_messages(lines, s.m, s.item_noun),
+        messages = preference_messages(lines, s.m, s.item_noun, grounded=bool(s.vocabulary))
+        state[u.user_id] = {"user": u, "titles": titles, "messages": messages,
                             "accepted": [], "rejected": Counter(), "raw": [], "tokens": 0, "repaired": False}
+    head = slot_head(s.vocabulary, s.item_noun)
+    constraint = json_string_array(s.m, 0, s.min_slot_tokens, s.max_slot_tokens, head=head, chars=SLOT_CHARS)
     pending = [u.user_id for u in users]
     for attempt in range(s.max_retries + 1):
         if not pending:
             break
-        # users with the same number of accepted slots share one constrained call
-        groups: dict[int, list[int]] = {}
-        for uid in pending:
-            groups.setdefault(len(state[uid]["accepted"]), []).append(uid)
-        for done, uids in groups.items():
-            params = GenerationParams(
-                max_new_tokens=(s.m - done) * (s.max_slot_tokens + 4) + 4,
-                temperature=s.temperature + attempt * s.retry_temperature_step, seed=s.seed + 1000 * attempt,
-            )
-            for uid in uids:
-                if attempt:
-                    state[uid]["repaired"] = True
-            # prefills differ per user once slots are accepted: generate per distinct prefill
-            by_prefill: dict[str, list[int]] = {}
-            for uid in uids:
-                by_prefill.setdefault(_prefill(state[uid]["accepted"]), []).append(uid)
-            for prefill, group in by_prefill.items():
-                constraint = JsonStringArray(m=s.m, prefill=prefill, slots_done=done, max_tokens=s.max_slot_tokens)
-                gens = backend.generate([state[u]["messages"] for u in group], params, prefill=prefill,
-                                        constraint=constraint)
-                for uid, g in zip(group, gens, strict=True):
-                    st = state[uid]
-                    st["raw"].append(prefill + g.text)
-                    st["tokens"] += g.new_tokens
-                    check, repaired = parse_preferences(prefill + g.text, s.m, st["titles"])
-                    # slots accepted earlier are in the prefill; re-check the new ones against them
-                    new = check.accepted[len(st["accepted"]):] if check.accepted[: len(st["accepted"])] == \
-                        st["accepted"] else check.accepted
-                    merged = check_preferences(new, s.m, st["titles"], accepted=st["accepted"])
-                    st["accepted"] = merged.accepted
-                    st["rejected"].update(check.rejected)
-                    st["rejected"].update(merged.rejected)
-                    if repaired or check.rejected or merged.rejected:
-                        st["repaired"] = True
+        params = GenerationParams(max_new_tokens=s.m * (s.max_slot_tokens + 8) + 4,
+                                  temperature=s.temperature + attempt * s.retry_temperature_step,
+                                  seed=s.seed + 1000 * attempt, frequency_penalty=s.frequency_penalty)
+        gens = backend.generate([state[uid]["messages"] for uid in pending], params, prefill=PREFERENCE_PREFILL,
+                                constraint=constraint)
+        for uid, g in zip(pending, gens, strict=True):
+            st = state[uid]
+            st["raw"].append(PREFERENCE_PREFILL + g.text)
+            st["tokens"] += g.new_tokens
+            check, repaired = parse_preferences(PREFERENCE_PREFILL + g.text, s.m, st["titles"])
+            # a retry's valid candidates fill the slots still missing, checked against those accepted
+            merged = check_preferences(check.accepted, s.m, st["titles"], accepted=st["accepted"])
+            st["accepted"] = merged.accepted
+            st["rejected"].update(check.rejected)
+            st["rejected"].update({k: v for k, v in merged.rejected.items() if k != "extra"})
+            if attempt or repaired or check.rejected or merged.rejected.get("duplicate"):
+                st["repaired"] = True
         pending = [uid for uid in pending if len(state[uid]["accepted"]) < s.m]
     results = []
     for u in users:
@@ -162,5 +190,5 @@ def extract_batch(users: list[UserHistory], backend: LLMBackend, s: ExtractionSe
     return results
 
 
-__all__ = ["PREFERENCE_PROMPT_VERSION", "ExtractionSettings", "UserHistory", "UserResult", "extract_batch",
-           "fallback_preferences"]
+__all__ = ["PREFERENCE_PROMPT_VERSION", "ExtractionSettings", "UserHistory", "UserResult", "attribute_vocabulary",
+           "extract_batch", "fallback_preferences"]

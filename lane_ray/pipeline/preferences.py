@@ -19,7 +19,7 @@ import pyarrow as pa
 from lane_ray.data.split import LeaveOneOutSplit
 from lane_ray.io import read_parquet, write_json
 from lane_ray.llm.preferences import ExtractionSettings, UserHistory, extract_batch
-from lane_ray.llm.prompts import PREFERENCE_PROMPT_VERSION, HistoryItem
+from lane_ray.llm.prompts import HistoryItem
 from lane_ray.pipeline.sink import make_part_sink, part_files, remove_unfinished, write_part
 from lane_ray.progress import RssSampler, log
 from lane_ray.text.rows import key64, text_sha1
@@ -74,7 +74,7 @@ class ExtractBatch:
         return pa.Table.from_pylist([{
             "user_id": r.user_id, "preferences": r.preferences, "status": r.status,
             "history_sha1": r.history_sha1, "model": self.backend.model_id,
-            "prompt_version": PREFERENCE_PROMPT_VERSION, "raw": r.raw, "new_tokens": r.new_tokens,
+            "prompt_version": self.settings.prompt_version, "raw": r.raw, "new_tokens": r.new_tokens,
             "rejected": json.dumps(r.rejected, sort_keys=True),
         } for r in results], schema=PREFERENCES_SCHEMA)
 
@@ -88,7 +88,8 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
     unfinished = remove_unfinished(out)
     sha = [u.sha1(settings.with_attributes) for u in users]
     ids = np.array([u.user_id for u in users], dtype=np.int64)
-    current = _keys(ids, sha, model_id, PREFERENCE_PROMPT_VERSION)
+    version = settings.prompt_version
+    current = _keys(ids, sha, model_id, version)
     have = np.zeros(0, np.uint64)
     parts = part_files(out)
     if parts:
@@ -101,7 +102,7 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
     todo_users = [u for u, t in zip(users, todo, strict=True) if t]
     log(f"preferences: {len(users):,} users, {len(users) - len(todo_users):,} cached, {len(todo_users):,} to extract")
     ray_info: dict[str, Any] = {}
-    settings_d = settings.__dict__.copy()
+    settings_d = dict(settings.__dict__)
     with RssSampler() as rss:
         if todo_users:
             table = pa.table({
@@ -130,7 +131,7 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
     # compaction: one row per current key
     table = read_parquet(out) if part_files(out) else pa.table({c: [] for c in PREFERENCES_SCHEMA.names})
     keys = _keys(table["user_id"].to_numpy(), table["history_sha1"].to_pylist(), model_id,
-                 PREFERENCE_PROMPT_VERSION) if table.num_rows else np.zeros(0, np.uint64)
+                 version) if table.num_rows else np.zeros(0, np.uint64)
     first = np.zeros(keys.size, dtype=bool)
     first[np.unique(keys, return_index=True)[1]] = True
     live = np.isin(keys, current) & first
@@ -145,7 +146,7 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
     manifest = {
         "users": final.num_rows, "extracted_now": len(todo_users), "cached": len(users) - len(todo_users),
         "status": {k: int(v) for k, v in status.items()}, "model": model_id,
-        "prompt_version": PREFERENCE_PROMPT_VERSION, "m": settings.m, "seconds": round(time.perf_counter() - t0, 3),
+        "prompt_version": version, "m": settings.m, "seconds": round(time.perf_counter() - t0, 3),
         "extract_seconds": ray_info.get("seconds", 0.0), "discarded_unfinished_writes": unfinished,
         "driver_peak_rss_mb": rss.peak_mb,
     }
@@ -165,4 +166,23 @@ def read_preferences(path: str | Path) -> pa.Table:
     return read_parquet(path)
 
 
-__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "read_preferences", "run_preferences", "user_histories"]
+def write_preference_texts(preferences: str | Path, out: str | Path) -> int:
+    """One row per (user_id, slot, text) of ``preferences.parquet``, written atomically to ``out``: the input
+    of the embedding stage that makes ``preference_embeddings.parquet``. Returns the row count."""
+    from lane_ray.io import write_parquet
+
+    t = read_parquet(preferences, columns=["user_id", "preferences"])
+    users = t["user_id"].to_numpy()
+    lists = t["preferences"].to_pylist()
+    lens = np.array([len(x) for x in lists], dtype=np.int64)
+    table = pa.table({
+        "user_id": pa.array(np.repeat(users, lens), pa.int64()),
+        "slot": pa.array(np.concatenate([np.arange(n) for n in lens]) if lens.size else [], pa.int64()),
+        "text": pa.array([p for x in lists for p in x], pa.string()),
+    })
+    write_parquet(Path(out), table)
+    return table.num_rows
+
+
+__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "read_preferences", "run_preferences", "user_histories",
+           "write_preference_texts"]

@@ -68,25 +68,44 @@ class ScriptedBackend:
     def __init__(self, outputs):
         self.outputs = list(outputs)
         self.calls = []
+        self.constraints = []
 
     def generate(self, conversations, params, prefill="", constraint=None):
         self.calls.append((len(conversations), prefill, params.seed))
+        self.constraints.append(constraint)
         return [Generation(self.outputs.pop(0), 10) for _ in conversations]
 
 
-def test_retry_resamples_only_missing_slots_then_falls_back():
-    users = [UserHistory(1, HISTORY)]
+def test_retry_fills_only_missing_slots_then_falls_back():
+    users = [UserHistory(1, HISTORY), UserHistory(2, HISTORY)]
     first = 'gritty crime dramas", "Heat", "Movie 2", "90s comedies", "slow thrillers"]}'
-    b = ScriptedBackend([first, 'heist stories", "Casino"]}', 'melancholy family dramas"]}'])
-    [r] = extract_batch(users, b, ExtractionSettings(m=5, max_retries=2))
-    assert r.status == "repaired"
-    assert r.preferences == ["gritty crime dramas", "90s comedies", "slow thrillers", "heist stories",
-                             "melancholy family dramas"]
-    assert b.calls[1][1].endswith('slow thrillers", "')  # accepted slots pre-filled, generation resumes
-    assert len({c[2] for c in b.calls}) == 3  # each retry uses a new seed
+    good = 'dark heist stories", "quiet family dramas", "war epics", "space operas", "noir mysteries"]}'
+    retry = 'gritty crime dramas", "heist stories", "Casino", "Toy Story", "x"]}'
+    b = ScriptedBackend([first, good, retry, 'melancholy family dramas", "Fargo"]}'])
+    r1, r2 = extract_batch(users, b, ExtractionSettings(m=5, max_retries=2))
+    assert r2.status == "ok" and r2.preferences[0] == "dark heist stories"
+    assert r1.status == "repaired"
+    # the retry's duplicate of an accepted slot is rejected; its new valid slots fill the gaps in order
+    assert r1.preferences == ["gritty crime dramas", "90s comedies", "slow thrillers", "heist stories",
+                              "melancholy family dramas"]
+    assert [c[0] for c in b.calls] == [2, 1, 1]  # one batched call per round, only users still missing slots
+    assert len({c[2] for c in b.calls}) == 3  # each round uses a new seed
+    assert r1.rejected["copies_title"] == 4 and r1.rejected["duplicate"] == 1
     b = ScriptedBackend(['Toy Story"]}'] * 3)
-    [r] = extract_batch(users, b, ExtractionSettings(m=5, max_retries=2))
+    [r] = extract_batch(users[:1], b, ExtractionSettings(m=5, max_retries=2))
     assert r.status == "fallback" and len(set(r.preferences)) == 5 and len(b.calls) == 3
+
+
+def test_grounded_prompt_version_and_vocabulary():
+    from lane_ray.llm.preferences import attribute_vocabulary
+
+    vocab = attribute_vocabulary(["Drama|Crime", "Drama", "unknown", None], ["1995", "1972", None, "19xx"], 1)
+    assert vocab == ("1970s", "1990s", "Crime", "Drama")
+    s = ExtractionSettings(vocabulary=vocab)
+    assert s.prompt_version.startswith("pref-v2+vocab-") and ExtractionSettings().prompt_version == "pref-v2"
+    b = ScriptedBackend(['x"]}'])
+    extract_batch([UserHistory(1, HISTORY)], b, ExtractionSettings(m=1, max_retries=0, vocabulary=vocab))
+    assert b.constraints[0].segments[0].options == vocab  # every slot opens with a vocabulary choice
 
 
 @given(st.text(max_size=200))
