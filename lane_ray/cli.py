@@ -21,7 +21,6 @@ FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 PENDING = {
     "train": "model training with Ray Train",
     "evaluate": "evaluation (full ranking and sampled-100)",
-    "explain": "chain-of-thought explanations",
     "serve": "the Ray Serve application",
     "submit": "submitting a job to a Ray cluster",
     "report": "the run report",
@@ -87,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p, positional=False)
     p.add_argument("--max-users", type=int, help="only the first N users by id")
     p.set_defaults(func=cmd_preferences)
+
+    p = sub.add_parser("explain", help="chain-of-thought explanations of recommended items, with logic checks "
+                       "(Ray Data, cached)")
+    _common(p)
+    p.add_argument("--candidates", metavar="FILE", required=True,
+                   help="Parquet or JSONL with user_id, item_id, rank, score, preference_weights (one row per "
+                   "recommended item); preferences come from OUT/preferences.parquet, titles from OUT/data/")
+    p.add_argument("--max-users", type=int, help="only the first N users of the candidates by id")
+    p.add_argument("--top-k", type=int, default=5, help="explain ranks 1..K of each user (default 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="explanations per generation call (default 16)")
+    p.add_argument("--max-retries", type=int, default=1, help="re-sampling rounds for unparseable replies")
+    p.add_argument("--temperature", type=float, default=0.3, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; retries add 1000 per round")
+    p.add_argument("--budget-tokens", type=int, default=300, help="history tokens in the prompt (newest kept)")
+    p.add_argument("--max-why-tokens", type=int, default=24, help="token cap of one 'why' sentence")
+    p.add_argument("--max-reason-tokens", type=int, default=40, help="token cap of the reason")
+    p.add_argument("--not-copied-threshold", type=float, default=0.5,
+                   help="minimum share of an explanation's sentences found in no other user's (default 0.5)")
+    p.add_argument("--actors", type=int, default=1, help="maximum LLM actors (CPU: each holds a model copy)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="logical CPUs per LLM actor")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per LLM actor")
+    p.set_defaults(func=cmd_explain)
 
     for name, what in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not available in this version)")
@@ -218,41 +239,54 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_kwargs(cfg) -> tuple[dict[str, Any], str]:
-    """Constructor arguments of the configured LLM backend and the model id used in cache keys."""
-    llm = cfg.llm
-    if llm.backend != "transformers":
-        from lane_ray.llm import make_backend
-
-        make_backend(llm.backend)  # raises a one-line ConfigError for backends not available here
-    from lane_ray.llm.transformers_backend import llm_id
-
-    kwargs = {"model": llm.model, "device": llm.device, "dtype": llm.dtype, "num_threads": llm.threads_per_actor,
-              "max_prompt_tokens": llm.max_prompt_tokens}
-    return kwargs, llm_id(llm.model)
-
-
 def _preferences(cfg, quiet: bool) -> dict[str, Any]:
     from lane_ray.data import read_prepared
-    from lane_ray.llm.preferences import ExtractionSettings
+    from lane_ray.llm import backend_kwargs, model_identity
+    from lane_ray.llm.preferences import ExtractionSettings, attribute_vocabulary
     from lane_ray.pipeline.cluster import init_ray
     from lane_ray.pipeline.preferences import run_preferences, user_histories
     from lane_ray.progress import Stage
 
     out = Path(cfg.run.out)
-    kwargs, model_id = _backend_kwargs(cfg)
+    kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
     pc = cfg.preferences
     with Stage("preferences", out, quiet=quiet) as st:
         prepared = read_prepared(out)
         users = user_histories(prepared.interactions, prepared.catalog, pc.max_users)
+        cat = prepared.catalog
+        vocab: tuple[str, ...] = ()
+        if pc.grounding == "vocabulary" and pc.with_attributes:
+            vocab = attribute_vocabulary(
+                cat["genres"].to_pylist() if "genres" in cat.column_names else [],
+                cat["year"].to_pylist() if "year" in cat.column_names else [])
         settings = ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
                                       item_noun=pc.item_noun, max_retries=pc.max_retries,
-                                      max_slot_tokens=pc.max_slot_tokens, temperature=pc.temperature, seed=pc.seed)
+                                      max_slot_tokens=pc.max_slot_tokens, min_slot_tokens=pc.min_slot_tokens,
+                                      vocabulary=vocab, temperature=pc.temperature, seed=pc.seed,
+                                      frequency_penalty=pc.frequency_penalty)
         init_ray(cfg.ray)
         manifest = run_preferences(users, out / "preferences.parquet", cfg.llm.backend, kwargs, settings, model_id,
                                    pc.batch_size, pc.max_actors, pc.cpus_per_actor, pc.gpus_per_actor)
         st.rows = manifest["extracted_now"]
         st.extra = {k: manifest[k] for k in ("tokens_per_s", "users_per_s", "status") if k in manifest}
+    if pc.embed:
+        _embed_preferences(cfg, out, quiet)
+    return manifest
+
+
+def _embed_preferences(cfg, out: Path, quiet: bool) -> dict[str, Any]:
+    """preferences.parquet -> (user_id, slot, text) -> preference_embeddings.parquet (incremental)."""
+    from lane_ray.pipeline.embed import TextTable, embed_texts
+    from lane_ray.pipeline.preferences import write_preference_texts
+    from lane_ray.progress import Stage
+
+    with Stage("embed_preferences", out, quiet=quiet) as st:
+        texts = out / "preference_texts.parquet"
+        write_preference_texts(out / "preferences.parquet", texts)
+        manifest = embed_texts(texts, out / "preference_embeddings.parquet", cfg.embed, cfg.ray,
+                               spec=TextTable(("user_id", "slot"), "text"))
+        st.rows = manifest["embedded_now"]
+        st.extra = {"reused": manifest["reused"]}
     return manifest
 
 
@@ -262,6 +296,38 @@ def cmd_preferences(args: argparse.Namespace) -> int:
     m = _preferences(cfg, args.quiet)
     print(f"{Path(cfg.run.out) / 'preferences.parquet'}: {m['users']} users ({m['extracted_now']} extracted now, "
           f"{m['cached']} cached); status {m['status']}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lane_ray.llm.explain import ExplainSettings
+    from lane_ray.pipeline.cluster import init_ray
+    from lane_ray.pipeline.explain import load_requests, run_explanations
+    from lane_ray.progress import Stage
+
+    for name in ("max_users", "top_k", "batch_size", "actors"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise LaneError(f"lane explain: --{name.replace('_', '-')} must be >= 1")
+    cfg = _config(args)
+    out = Path(cfg.run.out)
+    settings = ExplainSettings(budget_tokens=args.budget_tokens, with_attributes=cfg.preferences.with_attributes,
+                               item_noun=cfg.preferences.item_noun, max_why_tokens=args.max_why_tokens,
+                               max_reason_tokens=args.max_reason_tokens, max_retries=args.max_retries,
+                               temperature=args.temperature, seed=args.seed)
+    with Stage("explain", out, quiet=args.quiet) as st:
+        requests = load_requests(out, Path(args.candidates), args.top_k, args.max_users)
+        from lane_ray.llm import backend_kwargs, model_identity
+
+        kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
+        m = run_explanations(requests, out / "explanations.parquet", out / "explanation_checks.json",
+                             cfg.llm.backend, kwargs, settings, model_id, args.batch_size, args.actors,
+                             args.cpus_per_actor, args.gpus_per_actor, not_copied_threshold=args.not_copied_threshold,
+                             connect=lambda: init_ray(cfg.ray))
+        st.rows = m["explained_now"]
+        st.extra = {k: m[k] for k in ("tokens_per_s", "explanations_per_s", "source") if k in m}
+    rates = ", ".join(f"{k} {v:.0%}" for k, v in m["rates"].items() if v is not None)
+    print(f"{out / 'explanations.parquet'}: {m['rows']} explanations ({m['explained_now']} now, {m['cached']} "
+          f"cached); source {m['source']}; checks: {rates}")
     return 0
 
 
@@ -278,6 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = _prepare(cfg, args.quiet, force=args.force)
     catalog, dest = _embed_paths(str(out), None, cfg.run.out)
     _embed(cfg, catalog, dest, args.quiet, out)
+    _preferences(cfg, args.quiet)
     s = summary["stats"]
     if not args.quiet:
         log(f"run complete: {out} ({s['users']} users, {s['items']} items, {s['interactions']} interactions)")
