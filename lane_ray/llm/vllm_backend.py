@@ -1,0 +1,427 @@
+"""``vllm`` backend: the vLLM engine in Ray actors on GPUs, through Ray's own ``ray.data.llm``.
+
+One :meth:`VLLMBackend.generate` call is one Ray Data job: the conversations become rows (prompt token ids
+rendered here with the model's chat template plus the prefill, and per-row vLLM sampling parameters), a
+``ray.data.llm`` processor (``vLLMEngineProcessorConfig`` + ``build_processor``) runs them through
+``replicas`` engine actors of ``tensor_parallel_size`` GPUs each, and the results come back in input order.
+
+Cost of one call: Ray Data starts the engine actors for the job and stops them at its end (an actor pool
+lives as long as one dataset execution), so **every call pays the engine start** (weights loaded, KV cache
+profiled, CUDA graphs captured: tens of seconds for a small model, minutes for a large one) plus the
+generation itself. The processor object is built once per backend and reused; the engines are not. Call
+``generate`` (or :meth:`VLLMBackend.generate_each`, which takes a prefill and a constraint per row) with as
+many conversations as possible: thousands, not tens (see docs/gpu.md).
+
+Prompts are rendered and tokenized here, not by the processor's chat-template and tokenizer stages: the
+assistant prefill must continue the rendered ``add_generation_prompt=True`` prompt exactly as the
+``transformers`` backend does, and vLLM gets token ids so no BOS is added twice. vLLM 0.24 has no GGUF
+loader, so a GGUF model (file, folder or packaged name) is converted once into an HF directory (weights
+dequantised to bfloat16) in a local cache. Constraints become a regular expression for vLLM's structured
+outputs (``SamplingParams.structured_outputs = StructuredOutputsParams(regex=...)``, the field Ray 2.60's
+vLLM stage forwards).
+
+Nothing here imports vllm, torch, transformers or ``ray.data.llm`` at module import.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lane_ray.errors import LaneError
+from lane_ray.llm.backend import (
+    FORBIDDEN_FREE_CHARS,
+    Choice,
+    FreeText,
+    Generation,
+    GenerationParams,
+    Messages,
+    Template,
+    Text,
+)
+
+INSTALL_HINT = "install the gpu extra: pip install 'lane-ray[gpu]'"
+# Regex metacharacters escaped in literal text; everything else is written as itself so that every regex
+# engine vLLM may pick (xgrammar, llguidance, outlines) reads the pattern the same way.
+_REGEX_META = set("\\.^$*+?()[]{}|")
+# Characters a free JSON-string slot may not contain (as Template.to_regex, without (?:...) groups).
+_FREE_CLASS = '[^"\\\\{}\\[\\]\\x00-\\x1f]'
+
+
+class VLLMError(LaneError):
+    """The vLLM backend cannot run: vLLM missing, no GPU in the cluster, model missing or a prompt too long."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where the engine loads the model from. ``gguf`` is set when ``source`` is a GGUF that must be
+    converted first (vLLM 0.24 has no GGUF loader); ``local`` is False for a hub id left to vLLM."""
+
+    source: str
+    gguf: Path | None = None
+    local: bool = True
+
+
+def resolve_model(model: str) -> ResolvedModel:
+    """Classify ``model``: an HF directory, a GGUF (file, folder holding one, or packaged name) or a hub id.
+    A path that does not exist raises :class:`VLLMError`."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return ResolvedModel(str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModel(str(ggufs[0].resolve()), gguf=ggufs[0].resolve())
+        raise VLLMError(f"llm.model '{model}': folder has no config.json and not exactly one .gguf file")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ResolvedModel(str(path.resolve()), gguf=path.resolve())
+        raise VLLMError(f"llm.model '{model}': a file must be a .gguf; otherwise give an HF model directory")
+    from lane_ray.llm.transformers_backend import PACKAGED_LLMS, locate_llm
+
+    if model.lower() in PACKAGED_LLMS:
+        folder, gguf = locate_llm(model)  # raises a one-line error naming the package when not installed
+        file = (folder / gguf) if gguf else folder
+        return ResolvedModel(str(file), gguf=file if gguf else None)
+    if model.startswith(("/", "~", ".")) or model.endswith(".gguf") or model.count("/") > 1:
+        raise VLLMError(f"llm.model '{model}': path not found (give an HF model directory or a .gguf file)")
+    return ResolvedModel(model, local=False)  # an HF hub id: vLLM resolves it (HF_HUB_OFFLINE applies)
+
+
+def model_id_for(model: str) -> str:
+    """The id written next to every result and used in cache keys. It equals
+    ``lane_ray.llm.model_identity`` for the vllm backend: ``llm_id`` for an existing path, else the name."""
+    if Path(model).expanduser().exists():
+        from lane_ray.llm.transformers_backend import llm_id
+
+        return llm_id(model)
+    return model
+
+
+def default_model_cache() -> Path:
+    """Where converted GGUF models are kept: ``$LANE_MODEL_CACHE`` or ``~/.cache/lane_ray/vllm-models``."""
+    return Path(os.environ.get("LANE_MODEL_CACHE", "~/.cache/lane_ray/vllm-models")).expanduser()
+
+
+def converted_dir_name(gguf: Path) -> str:
+    """Cache folder name of a converted GGUF: file stem plus a hash of its name and size."""
+    h = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+    return f"{gguf.stem}@{h}"
+
+
+def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """An HF directory (bfloat16 safetensors + tokenizer with its chat template) made from ``gguf`` with
+    transformers, written once to a temp name and renamed. Returns the cached directory on later calls."""
+    out = (cache_dir or default_model_cache()) / converted_dir_name(gguf)
+    if (out / "config.json").exists():
+        return out
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kw: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    try:  # transformers >= 5 keeps GGUF blocks packed unless told to unpack them
+        from transformers import GgufConfig
+
+        kw["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.bfloat16, **kw)
+    # the weights are plain dense tensors now: drop the GGUF quantizer, which refuses to serialise
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ constraint
+
+
+def _literal(text: str) -> str:
+    return "".join("\\" + ch if ch in _REGEX_META else ch for ch in text)
+
+
+def _class_char(ch: str) -> str:
+    # inside [...]: ASCII punctuation as a \xNN escape, which every engine reads as the character itself
+    return ch if ch.isalnum() or ord(ch) > 0x7F else f"\\x{ord(ch):02x}"
+
+
+def portable_regex(template: Template, chars_per_token: int = 4) -> str:
+    """The regular expression of ``template`` in the subset every vLLM structured-output backend reads:
+    escaped metacharacters only, plain ``(a|b)`` groups, one negated class for free text. It accepts the
+    same strings as :meth:`Template.to_regex` at the same ``chars_per_token`` (token bounds become
+    character bounds: at least one character when ``min_tokens`` > 0, at most ``max_tokens *
+    chars_per_token``; a slot with ``chars`` becomes a class of those characters). Token-level rules of
+    :class:`FreeText` (no token repeating the one before it) have no regex form and are not enforced."""
+    parts = []
+    for seg in template.segments:
+        if isinstance(seg, Text):
+            parts.append(_literal(seg.text))
+        elif isinstance(seg, Choice):
+            parts.append("(" + "|".join(_literal(o) for o in seg.options) + ")")
+        else:
+            lo, hi = (1 if seg.min_tokens else 0), max(1, seg.max_tokens * chars_per_token)
+            allowed = sorted(set(getattr(seg, "chars", "")) - set(FORBIDDEN_FREE_CHARS))
+            cls = "[" + "".join(_class_char(c) for c in allowed) + "]" if allowed else _FREE_CLASS
+            parts.append(f"{cls}{{{lo},{hi}}}")
+    return "".join(parts)
+
+
+def template_max_chars(template: Template, chars_per_token: int = 4) -> int:
+    """The longest text :func:`portable_regex` accepts, in characters. Every token is at least one character,
+    so it bounds the tokens a constrained generation can take."""
+    n = 0
+    for seg in template.segments:
+        if isinstance(seg, Text):
+            n += len(seg.text)
+        elif isinstance(seg, Choice):
+            n += max(len(o) for o in seg.options)
+        elif isinstance(seg, FreeText):
+            n += max(1, seg.max_tokens * chars_per_token)
+    return n
+
+
+def sampling_params_dict(params: GenerationParams, constraint: Template | None = None,
+                         chars_per_token: int = 4) -> dict[str, Any]:
+    """vLLM ``SamplingParams`` keyword arguments for one row (the ``sampling_params`` column of Ray's vLLM
+    stage). Temperature 0 is greedy. The seed is per request, so a row's output does not depend on what
+    else is in the batch. With a constraint, ``max_tokens`` is raised to the template's length bound, so a
+    constrained generation is never cut off before the template is complete."""
+    greedy = params.temperature <= 0
+    max_tokens = params.max_new_tokens
+    out: dict[str, Any] = {
+        "temperature": 0.0 if greedy else float(params.temperature),
+        "top_p": 1.0 if greedy else float(params.top_p),
+        "seed": int(params.seed),
+        "skip_special_tokens": True,
+        # every row carries every key: Ray Data blocks built from these rows then share one schema
+        "stop": list(params.stop),
+        "structured_outputs": None,
+    }
+    if constraint is not None:
+        out["structured_outputs"] = {"regex": portable_regex(constraint, chars_per_token)}
+        max_tokens = max(max_tokens, template_max_chars(constraint, chars_per_token) + 1)  # + EOS
+    out["max_tokens"] = int(max_tokens)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def render_prompt(tokenizer: Any, conversation: Messages, prefill: str = "") -> str:
+    """The prompt text: the chat template with the assistant header, then the prefill (as the
+    ``transformers`` backend renders it, so both backends continue the same text)."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return text + prefill
+
+
+def build_rows(prompt_token_ids: Sequence[Sequence[int]], sampling: Sequence[dict[str, Any]],
+               max_model_len: int) -> list[dict[str, Any]]:
+    """Input rows of the processor: ``idx`` (input position), ``tokenized_prompt``, ``sampling_params`` and
+    ``max_tokens`` (kept for the finish reason: the vLLM stage consumes ``sampling_params``). A prompt that
+    leaves no room for its ``max_tokens`` within ``max_model_len`` raises :class:`VLLMError`."""
+    if len(prompt_token_ids) != len(sampling):
+        raise ValueError("one sampling-params dict per prompt")
+    rows = []
+    for i, (ids, sp) in enumerate(zip(prompt_token_ids, sampling, strict=True)):
+        if len(ids) + sp["max_tokens"] > max_model_len:
+            raise VLLMError(f"conversation {i}: prompt of {len(ids)} tokens + {sp['max_tokens']} new tokens "
+                            f"exceeds llm.max_model_len={max_model_len}")
+        rows.append({"idx": i, "tokenized_prompt": [int(t) for t in ids], "sampling_params": dict(sp),
+                     "max_tokens": int(sp["max_tokens"])})
+    return rows
+
+
+def postprocess_row(row: dict[str, Any], eos_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One processor output row -> ``idx``, ``text`` (the continuation after the prefill: vLLM returns only
+    new text), ``new_tokens`` and ``finish_reason`` (``length`` when ``max_tokens`` were generated without
+    ending on EOS, else ``stop``)."""
+    tokens = row.get("generated_tokens")
+    n = int(row.get("num_generated_tokens") or (len(tokens) if tokens is not None else 0))
+    last = int(tokens[-1]) if tokens is not None and len(tokens) else None
+    length = n >= int(row["max_tokens"]) and last not in eos_ids
+    return {"idx": int(row["idx"]), "text": str(row.get("generated_text") or ""), "new_tokens": n,
+            "finish_reason": "length" if length else "stop"}
+
+
+def collect_generations(rows: Sequence[dict[str, Any]], n: int) -> list[Generation]:
+    """Postprocessed rows (any order) -> one :class:`Generation` per input, in input order."""
+    by_idx = {int(r["idx"]): r for r in rows}
+    if len(by_idx) != n or set(by_idx) != set(range(n)):
+        missing = sorted(set(range(n)) - set(by_idx))[:5]
+        raise VLLMError(f"vLLM returned {len(by_idx)} of {n} generations (missing e.g. {missing})")
+    return [Generation(str(by_idx[i]["text"]), int(by_idx[i]["new_tokens"]), str(by_idx[i]["finish_reason"]))
+            for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------- processor
+
+
+def engine_kwargs(tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85, max_model_len: int = 4096,
+                  max_num_seqs: int | None = None, enforce_eager: bool = False,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments of vLLM's engine (``AsyncEngineArgs``) for one replica."""
+    kw: dict[str, Any] = {"tensor_parallel_size": int(tensor_parallel_size),
+                          "gpu_memory_utilization": float(gpu_memory_utilization),
+                          "max_model_len": int(max_model_len), "enforce_eager": bool(enforce_eager)}
+    if max_num_seqs is not None:
+        kw["max_num_seqs"] = int(max_num_seqs)
+    kw.update(extra or {})
+    return kw
+
+
+def processor_config_kwargs(model_source: str, engine: dict[str, Any], replicas: int = 1, batch_size: int = 64,
+                            max_concurrent_batches: int = 8) -> dict[str, Any]:
+    """Arguments of ``ray.data.llm.vLLMEngineProcessorConfig``: the engine stage only (prompts arrive as
+    token ids and vLLM detokenizes), ``replicas`` engine actors."""
+    return {"model_source": model_source, "engine_kwargs": dict(engine), "concurrency": int(replicas),
+            "batch_size": int(batch_size), "max_concurrent_batches": int(max_concurrent_batches),
+            "chat_template_stage": False, "tokenize_stage": False, "detokenize_stage": False,
+            "log_engine_metrics": False}
+
+
+def eos_token_ids(tokenizer_eos: int | list[int] | None, model_dir: Path | None = None) -> tuple[int, ...]:
+    """The tokens that end a generation: the tokenizer's EOS plus ``eos_token_id`` of the model's
+    ``generation_config.json`` (vLLM stops on both)."""
+    ids: list[int] = []
+    for v in (tokenizer_eos, _generation_config_eos(model_dir)):
+        ids.extend(v if isinstance(v, list) else ([v] if v is not None else []))
+    return tuple(sorted({int(i) for i in ids}))
+
+
+def _generation_config_eos(model_dir: Path | None) -> int | list[int] | None:
+    f = model_dir / "generation_config.json" if model_dir is not None else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError):
+        return None
+
+
+def num_blocks(n_rows: int, batch_size: int, replicas: int) -> int:
+    """Input blocks of one job: at least one per engine replica, about one per engine batch."""
+    return max(1, min(n_rows, max(replicas, math.ceil(n_rows / max(1, batch_size)))))
+
+
+def check_vllm_installed() -> None:
+    """:class:`VLLMError` when vllm is not importable (checked without importing it)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMError(f"the vllm backend needs vLLM: {INSTALL_HINT}")
+
+
+def check_cluster_gpus(available: float, tensor_parallel_size: int) -> None:
+    """:class:`VLLMError` unless one engine replica fits (``tensor_parallel_size`` GPUs). Without it Ray
+    Data would wait for GPUs forever."""
+    if available < tensor_parallel_size:
+        what = "no GPU" if available < 1 else f"{available:g} GPUs"
+        raise VLLMError(f"the vllm backend needs {tensor_parallel_size} GPU(s) per replica but the Ray cluster has "
+                        f"{what}; use llm.backend=transformers on CPU")
+
+
+class VLLMBackend:
+    """Batched chat generation with vLLM engines run by ``ray.data.llm`` (see the module docstring for what
+    one call costs). ``model``: an HF directory, a .gguf file or folder, a packaged name (GGUFs are converted
+    once), or an HF hub id. Extras: ``batch_size`` (rows per engine task), ``max_concurrent_batches``
+    (tasks in flight per engine), ``max_num_seqs``, ``enforce_eager`` (skip CUDA-graph capture: faster
+    start, slower decode), ``chars_per_token`` (free-text bound of a constraint), ``engine_extra`` (more
+    vLLM engine kwargs), ``model_cache_dir`` (converted GGUFs)."""
+
+    def __init__(self, model: str, tensor_parallel_size: int = 1, replicas: int = 1,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, *, batch_size: int = 64,
+                 max_concurrent_batches: int = 8, max_num_seqs: int | None = None, enforce_eager: bool = False,
+                 chars_per_token: int = 4, engine_extra: dict[str, Any] | None = None,
+                 model_cache_dir: str | None = None) -> None:
+        if tensor_parallel_size < 1 or replicas < 1:
+            raise VLLMError("llm.tensor_parallel_size and llm.replicas must be >= 1")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise VLLMError("llm.gpu_memory_utilization must be in (0, 1]")
+        resolved = resolve_model(model)
+        check_vllm_installed()
+        self.model_id = model_id_for(model)
+        source = resolved.source
+        if resolved.gguf is not None:
+            source = str(convert_gguf(resolved.gguf, Path(model_cache_dir).expanduser() if model_cache_dir else None))
+        self.model_source = source
+        self.tensor_parallel_size = tensor_parallel_size
+        self.replicas = replicas
+        self.max_model_len = max_model_len
+        self.batch_size = batch_size
+        self.chars_per_token = chars_per_token
+        self.engine = engine_kwargs(tensor_parallel_size, gpu_memory_utilization, max_model_len, max_num_seqs,
+                                    enforce_eager, engine_extra)
+        self.config_kwargs = processor_config_kwargs(source, self.engine, replicas, batch_size, max_concurrent_batches)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=resolved.local)
+        self.eos_ids = eos_token_ids(self.tokenizer.eos_token_id, Path(source) if resolved.local else None)
+        self._processor: Any = None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def processor(self) -> Any:
+        """The ``ray.data.llm`` processor, built once (starting no engine: engines start per job)."""
+        if self._processor is None:
+            import ray
+            from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+            if not ray.is_initialized():
+                ray.init()
+            check_cluster_gpus(float(ray.cluster_resources().get("GPU", 0)), self.tensor_parallel_size)
+            config = vLLMEngineProcessorConfig(**self.config_kwargs)
+            self._processor = build_processor(
+                config, postprocess=functools.partial(postprocess_row, eos_ids=self.eos_ids))
+        return self._processor
+
+    def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
+                 constraint: Template | None = None) -> list[Generation]:
+        n = len(conversations)
+        return self.generate_each(conversations, [params] * n, [prefill] * n, [constraint] * n)
+
+    def generate_each(self, conversations: list[Messages], params: Sequence[GenerationParams],
+                      prefills: Sequence[str], constraints: Sequence[Template | None]) -> list[Generation]:
+        """Like :meth:`generate` with sampling settings, prefill and constraint given per conversation: one
+        Ray Data job (one engine start) for rows that ``generate`` would need several calls for."""
+        n = len(conversations)
+        if not (len(params) == len(prefills) == len(constraints) == n):
+            raise ValueError("generate_each needs one params, prefill and constraint per conversation")
+        if not n:
+            return []
+        import ray
+
+        texts = [render_prompt(self.tokenizer, c, p) for c, p in zip(conversations, prefills, strict=True)]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        sampling = [sampling_params_dict(p, c, self.chars_per_token) for p, c in zip(params, constraints, strict=True)]
+        rows = build_rows(ids, sampling, self.max_model_len)
+        processor = self.processor()
+        ds = ray.data.from_items(rows, override_num_blocks=num_blocks(n, self.batch_size, self.replicas))
+        return collect_generations(processor(ds).take_all(), n)
+
+
+__all__ = ["INSTALL_HINT", "ResolvedModel", "VLLMBackend", "VLLMError", "build_rows", "check_cluster_gpus",
+           "check_vllm_installed", "collect_generations", "convert_gguf", "engine_kwargs", "eos_token_ids",
+           "model_id_for", "num_blocks", "portable_regex", "postprocess_row", "processor_config_kwargs",
+           "render_prompt", "resolve_model", "sampling_params_dict", "template_max_chars"]
