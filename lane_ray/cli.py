@@ -265,8 +265,12 @@ def _preferences(cfg, quiet: bool) -> dict[str, Any]:
                                       vocabulary=vocab, temperature=pc.temperature, seed=pc.seed,
                                       frequency_penalty=pc.frequency_penalty)
         init_ray(cfg.ray)
+        # vLLM runs as its own Ray Data job on GPU actors: the driver orchestrates it, in large batches
+        vllm = cfg.llm.backend == "vllm"
+        batch_size = pc.batch_size or (8192 if vllm else 32)
         manifest = run_preferences(users, out / "preferences.parquet", cfg.llm.backend, kwargs, settings, model_id,
-                                   pc.batch_size, pc.max_actors, pc.cpus_per_actor, pc.gpus_per_actor)
+                                   batch_size, pc.max_actors, pc.cpus_per_actor, pc.gpus_per_actor,
+                                   use_ray=not vllm, niceness=pc.actor_niceness)
         st.rows = manifest["extracted_now"]
         st.extra = {k: manifest[k] for k in ("tokens_per_s", "users_per_s", "status") if k in manifest}
     if pc.embed:
@@ -294,8 +298,9 @@ def cmd_preferences(args: argparse.Namespace) -> int:
     cfg = _config(args, **{"preferences.max_users": args.max_users})
     _prepare(cfg, args.quiet)
     m = _preferences(cfg, args.quiet)
+    status = ", ".join(f"{k} {v}" for k, v in sorted(m["status"].items()))
     print(f"{Path(cfg.run.out) / 'preferences.parquet'}: {m['users']} users ({m['extracted_now']} extracted now, "
-          f"{m['cached']} cached); status {m['status']}")
+          f"{m['cached']} cached); status: {status}")
     return 0
 
 

@@ -196,6 +196,11 @@ class LLMConfig(_Section):
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     timeout_s: float = Field(120.0, gt=0, description="openai: request timeout in seconds.")
     max_concurrency: int = Field(8, ge=1, description="openai: concurrent requests per actor.")
+    constraint_mode: Literal["both", "structured_outputs", "guided_regex", "lane_template", "none"] = Field(
+        "both", description="openai: which output-constraint fields requests carry: vLLM's `structured_outputs` "
+        "regex, the older `guided_regex`, `lane_template` (our own server), both of the first and last, or none.")
+    request_retries: int = Field(
+        3, ge=0, description="openai: retries of a request after HTTP 429/5xx or a dropped connection (backoff).")
 
 
 class PreferencesConfig(_Section):
@@ -220,11 +225,19 @@ class PreferencesConfig(_Section):
     frequency_penalty: float = Field(
         1.0, ge=0, le=2, description="Lowers a token's logit by this times its earlier uses in the same reply "
         "(OpenAI semantics): stops a small model from repeating one phrase in every preference.")
-    batch_size: int = Field(32, ge=1, description="Users per generation call.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Users per generation call (unset = 32; with llm.backend=vllm 8192, since every "
+        "call starts the engine actors of a Ray Data job).")
     max_users: int | None = Field(None, ge=1, description="Only the first N users by id (unset = all).")
     max_actors: int = Field(1, ge=1, description="Maximum LLM actors (CPU: each holds a model copy).")
     cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per LLM actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per LLM actor (transformers on GPU).")
+    actor_niceness: int | None = Field(
+        -5, ge=-20, le=19,
+        description="Nice value LLM actors set for themselves (Ray's default, 15, lets any other work on the "
+        "node take their CPU: measured ~4x slower on a busy 2-core machine). Below 0 needs CAP_SYS_NICE; "
+        "null leaves it alone.",
+    )
 
 
 class RunConfig(_Section):

@@ -50,7 +50,8 @@ def backend_kwargs(llm: LLMConfig) -> dict[str, Any]:
         return {"model": llm.model, "tensor_parallel_size": llm.tensor_parallel_size, "replicas": llm.replicas,
                 "gpu_memory_utilization": llm.gpu_memory_utilization, "max_model_len": llm.max_model_len}
     return {"model": llm.model, "base_url": llm.base_url, "api_key_env": llm.api_key_env,
-            "timeout_s": llm.timeout_s, "max_concurrency": llm.max_concurrency}
+            "timeout_s": llm.timeout_s, "max_concurrency": llm.max_concurrency,
+            "constraint_mode": llm.constraint_mode, "max_retries": llm.request_retries}
 
 
 def model_identity(llm: LLMConfig) -> str:

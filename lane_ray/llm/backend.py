@@ -20,6 +20,21 @@ Messages = list[dict[str, str]]
 FORBIDDEN_FREE_CHARS = '"\\{}[]'
 
 
+# Regex metacharacters escaped in literal text; everything else is written as itself.
+_REGEX_META = set("\\.^$*+?()[]{}|")
+# The class of a free JSON-string slot without an allow-list.
+_FREE_CLASS = '[^"\\\\{}\\[\\]\\x00-\\x1f]'
+
+
+def _literal(text: str) -> str:
+    return "".join("\\" + ch if ch in _REGEX_META else ch for ch in text)
+
+
+def _class_char(ch: str) -> str:
+    # inside [...]: ASCII punctuation as a \xNN escape, which every engine reads as the character itself
+    return ch if ch.isalnum() or ord(ch) > 0x7F else f"\\x{ord(ch):02x}"
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling settings for one batch."""
@@ -88,22 +103,37 @@ class Template:
                     raise ValueError(f"segment {i}: need 0 <= min_tokens <= max_tokens")
 
     def to_regex(self, chars_per_token: int = 8) -> str:
-        """An equivalent regular expression (token bounds become character bounds), for engines with
-        regex-guided decoding (vLLM structured outputs, OpenAI-compatible servers that accept one)."""
+        """An equivalent regular expression, for engines with regex-guided decoding (vLLM structured outputs,
+        OpenAI-compatible servers that accept one). Token bounds become character bounds (at least one
+        character when ``min_tokens`` > 0, at most ``max_tokens * chars_per_token``); token-level rules
+        (``Choice.distinct``, no repeated free tokens) have no regex form. Only syntax every engine vLLM may
+        pick reads alike (xgrammar, llguidance, outlines): escaped metacharacters, plain ``(a|b)`` groups,
+        one character class per free text."""
         parts = []
         for seg in self.segments:
             if isinstance(seg, Text):
-                parts.append(re.escape(seg.text))
+                parts.append(_literal(seg.text))
             elif isinstance(seg, Choice):
-                parts.append("(?:" + "|".join(re.escape(o) for o in seg.options) + ")")
+                parts.append("(" + "|".join(_literal(o) for o in seg.options) + ")")
             else:
                 lo, hi = (1 if seg.min_tokens else 0), max(1, seg.max_tokens * chars_per_token)
-                if seg.chars:
-                    allowed = "".join(re.escape(c) for c in sorted(set(seg.chars) - set(FORBIDDEN_FREE_CHARS)))
-                    parts.append("[" + allowed + "]{" + f"{lo},{hi}" + "}")
-                else:
-                    parts.append('[^"\\\\{}\\[\\]\\x00-\\x1f]{' + f"{lo},{hi}" + "}")
+                allowed = sorted(set(seg.chars) - set(FORBIDDEN_FREE_CHARS))
+                cls = "[" + "".join(_class_char(c) for c in allowed) + "]" if allowed else _FREE_CLASS
+                parts.append(f"{cls}{{{lo},{hi}}}")
         return "".join(parts)
+
+    def max_chars(self, chars_per_token: int = 8) -> int:
+        """The longest text :meth:`to_regex` accepts; every token is at least one character, so it also
+        bounds the tokens a constrained generation can take."""
+        n = 0
+        for seg in self.segments:
+            if isinstance(seg, Text):
+                n += len(seg.text)
+            elif isinstance(seg, Choice):
+                n += max(len(o) for o in seg.options)
+            else:
+                n += max(1, seg.max_tokens * chars_per_token)
+        return n
 
     def matches(self, text: str) -> bool:
         """Whether ``text`` has this template's shape (character bounds as in :meth:`to_regex`)."""

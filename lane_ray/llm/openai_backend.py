@@ -157,6 +157,8 @@ def chat_request_body(model: str, messages: Messages, params: GenerationParams, 
     msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     body: dict[str, Any] = {"model": model, "messages": msgs, "n": 1, "max_tokens": params.max_new_tokens,
                             "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed}
+    if params.frequency_penalty:
+        body["frequency_penalty"] = params.frequency_penalty
     if params.stop:
         body["stop"] = list(params.stop)
     if prefill:

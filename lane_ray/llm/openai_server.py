@@ -124,6 +124,7 @@ def parse_chat_request(body: Any, served_model: str, max_tokens_limit: int = 409
     temperature = number("temperature", 1.0, 0.0, 2.0)
     top_p = number("top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = integer("seed")
+    frequency_penalty = number("frequency_penalty", 0.0, -2.0, 2.0)
     n = integer("n")
     if n not in (None, 1):
         raise RequestError("n", "only n=1 is supported")
@@ -162,7 +163,8 @@ def parse_chat_request(body: Any, served_model: str, max_tokens_limit: int = 409
             if body.get(name) not in (None, {}, {"type": "text"}):
                 raise RequestError(name, "not supported by this server; send the constraint as 'lane_template'")
     params = GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed if seed is not None else 0, stop=tuple(stop or ()))
+                              seed=seed if seed is not None else 0, stop=tuple(stop or ()),
+                              frequency_penalty=frequency_penalty)
     return messages, ChatJob(params, prefill, constraint)
 
 

@@ -39,24 +39,13 @@ from typing import Any
 
 from lane_ray.errors import LaneError
 from lane_ray.llm.backend import (
-    FORBIDDEN_FREE_CHARS,
-    Choice,
-    FreeText,
     Generation,
     GenerationParams,
     Messages,
     Template,
-    Text,
 )
 
 INSTALL_HINT = "install the gpu extra: pip install 'lane-ray[gpu]'"
-# Regex metacharacters escaped in literal text; everything else is written as itself so that every regex
-# engine vLLM may pick (xgrammar, llguidance, outlines) reads the pattern the same way.
-_REGEX_META = set("\\.^$*+?()[]{}|")
-# Characters a free JSON-string slot may not contain (as Template.to_regex, without (?:...) groups).
-_FREE_CLASS = '[^"\\\\{}\\[\\]\\x00-\\x1f]'
-
-
 class VLLMError(LaneError):
     """The vLLM backend cannot run: vLLM missing, no GPU in the cluster, model missing or a prompt too long."""
 
@@ -158,50 +147,6 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
 # ------------------------------------------------------------------------------------------ constraint
 
 
-def _literal(text: str) -> str:
-    return "".join("\\" + ch if ch in _REGEX_META else ch for ch in text)
-
-
-def _class_char(ch: str) -> str:
-    # inside [...]: ASCII punctuation as a \xNN escape, which every engine reads as the character itself
-    return ch if ch.isalnum() or ord(ch) > 0x7F else f"\\x{ord(ch):02x}"
-
-
-def portable_regex(template: Template, chars_per_token: int = 4) -> str:
-    """The regular expression of ``template`` in the subset every vLLM structured-output backend reads:
-    escaped metacharacters only, plain ``(a|b)`` groups, one negated class for free text. It accepts the
-    same strings as :meth:`Template.to_regex` at the same ``chars_per_token`` (token bounds become
-    character bounds: at least one character when ``min_tokens`` > 0, at most ``max_tokens *
-    chars_per_token``; a slot with ``chars`` becomes a class of those characters). Token-level rules of
-    :class:`FreeText` (no token repeating the one before it) have no regex form and are not enforced."""
-    parts = []
-    for seg in template.segments:
-        if isinstance(seg, Text):
-            parts.append(_literal(seg.text))
-        elif isinstance(seg, Choice):
-            parts.append("(" + "|".join(_literal(o) for o in seg.options) + ")")
-        else:
-            lo, hi = (1 if seg.min_tokens else 0), max(1, seg.max_tokens * chars_per_token)
-            allowed = sorted(set(getattr(seg, "chars", "")) - set(FORBIDDEN_FREE_CHARS))
-            cls = "[" + "".join(_class_char(c) for c in allowed) + "]" if allowed else _FREE_CLASS
-            parts.append(f"{cls}{{{lo},{hi}}}")
-    return "".join(parts)
-
-
-def template_max_chars(template: Template, chars_per_token: int = 4) -> int:
-    """The longest text :func:`portable_regex` accepts, in characters. Every token is at least one character,
-    so it bounds the tokens a constrained generation can take."""
-    n = 0
-    for seg in template.segments:
-        if isinstance(seg, Text):
-            n += len(seg.text)
-        elif isinstance(seg, Choice):
-            n += max(len(o) for o in seg.options)
-        elif isinstance(seg, FreeText):
-            n += max(1, seg.max_tokens * chars_per_token)
-    return n
-
-
 def sampling_params_dict(params: GenerationParams, constraint: Template | None = None,
                          chars_per_token: int = 4) -> dict[str, Any]:
     """vLLM ``SamplingParams`` keyword arguments for one row (the ``sampling_params`` column of Ray's vLLM
@@ -214,14 +159,15 @@ def sampling_params_dict(params: GenerationParams, constraint: Template | None =
         "temperature": 0.0 if greedy else float(params.temperature),
         "top_p": 1.0 if greedy else float(params.top_p),
         "seed": int(params.seed),
+        "frequency_penalty": float(params.frequency_penalty),
         "skip_special_tokens": True,
         # every row carries every key: Ray Data blocks built from these rows then share one schema
         "stop": list(params.stop),
         "structured_outputs": None,
     }
     if constraint is not None:
-        out["structured_outputs"] = {"regex": portable_regex(constraint, chars_per_token)}
-        max_tokens = max(max_tokens, template_max_chars(constraint, chars_per_token) + 1)  # + EOS
+        out["structured_outputs"] = {"regex": constraint.to_regex(chars_per_token)}
+        max_tokens = max(max_tokens, constraint.max_chars(chars_per_token) + 1)  # + EOS
     out["max_tokens"] = int(max_tokens)
     return out
 
@@ -423,5 +369,5 @@ class VLLMBackend:
 
 __all__ = ["INSTALL_HINT", "ResolvedModel", "VLLMBackend", "VLLMError", "build_rows", "check_cluster_gpus",
            "check_vllm_installed", "collect_generations", "convert_gguf", "engine_kwargs", "eos_token_ids",
-           "model_id_for", "num_blocks", "portable_regex", "postprocess_row", "processor_config_kwargs",
-           "render_prompt", "resolve_model", "sampling_params_dict", "template_max_chars"]
+           "model_id_for", "num_blocks", "postprocess_row", "processor_config_kwargs",
+           "render_prompt", "resolve_model", "sampling_params_dict"]

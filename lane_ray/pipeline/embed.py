@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,13 +189,10 @@ class EncodeBatch:
 
     def __init__(self, model: str, device: str, batch_size: int, fp16: bool | None, num_threads: int | None,
                  key_columns: tuple[str, ...], niceness: int | None = None) -> None:
+        from lane_ray.pipeline.cluster import set_niceness
         from lane_ray.text import TextEncoder
 
-        if niceness is not None:
-            try:  # measured: at equal priority the driver and Ray's own processes cost the encoder 10-15 %
-                os.setpriority(os.PRIO_PROCESS, 0, niceness)
-            except OSError:  # below 0 needs CAP_SYS_NICE; without it the actor keeps Ray's default
-                pass
+        set_niceness(niceness)
 
         self.encoder = TextEncoder(model, device=device, batch_size=batch_size, fp16=fp16, num_threads=num_threads)
         self.key_columns = key_columns

@@ -242,7 +242,10 @@ class ExplainBatch:
     ``backend`` (an instance) replaces ``backend_kind``/``backend_kwargs`` in-process (tests, a shared model)."""
 
     def __init__(self, backend_kind: str, backend_kwargs: dict[str, Any], settings: dict[str, Any],
-                 backend: Any = None) -> None:
+                 backend: Any = None, niceness: int | None = None) -> None:
+        from lane_ray.pipeline.cluster import set_niceness
+
+        set_niceness(niceness)
         if backend is None:
             from lane_ray.llm import make_backend
 
@@ -278,7 +281,7 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
                      backend_kwargs: dict[str, Any], settings: ExplainSettings, model_id: str, batch_size: int = 16,
                      actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                      use_ray: bool = True, not_copied_threshold: float = 0.5, backend: Any = None,
-                     connect: Callable[[], Any] | None = None) -> dict[str, Any]:
+                     connect: Callable[[], Any] | None = None, niceness: int | None = -5) -> dict[str, Any]:
     """Explain ``requests`` into the part directory ``out`` (only those not cached), recompute the logic
     checks over the current rows, and write the rates to ``checks_path``; returns that summary.
     ``backend`` (in-process mode only) is used instead of constructing one; ``connect`` (e.g. ``init_ray``)
@@ -317,7 +320,7 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
                                     concurrency=(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                                     fn_constructor_kwargs={"backend_kind": backend_kind,
                                                            "backend_kwargs": backend_kwargs,
-                                                           "settings": settings_d})
+                                                           "settings": settings_d, "niceness": niceness})
                 ds.write_datasink(make_part_sink(out))
             else:  # in-process (tests, debugging): same code path minus Ray
                 worker = ExplainBatch(backend_kind, backend_kwargs, settings_d, backend=backend)

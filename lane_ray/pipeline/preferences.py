@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,12 @@ def _keys(user_ids: np.ndarray, history_sha1: list[str], model: str, prompt_vers
 class ExtractBatch:
     """Callable class for ``map_batches``: one LLM backend per actor, one generation round per batch."""
 
-    def __init__(self, backend_kind: str, backend_kwargs: dict[str, Any], settings: dict[str, Any]) -> None:
+    def __init__(self, backend_kind: str, backend_kwargs: dict[str, Any], settings: dict[str, Any],
+                 niceness: int | None = None) -> None:
         from lane_ray.llm import make_backend
+        from lane_ray.pipeline.cluster import set_niceness
+
+        set_niceness(niceness)
 
         self.backend = make_backend(backend_kind, **backend_kwargs)
         self.settings = ExtractionSettings(**settings)
@@ -81,7 +86,8 @@ class ExtractBatch:
 
 def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, backend_kwargs: dict[str, Any],
                     settings: ExtractionSettings, model_id: str, batch_size: int, actors: int,
-                    cpus_per_actor: float, gpus_per_actor: float, use_ray: bool = True) -> dict[str, Any]:
+                    cpus_per_actor: float, gpus_per_actor: float, use_ray: bool = True,
+                    niceness: int | None = None) -> dict[str, Any]:
     """Extract preferences for ``users`` into the part directory ``out``; returns the manifest."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +126,7 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
                                     concurrency=(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                                     fn_constructor_kwargs={"backend_kind": backend_kind,
                                                            "backend_kwargs": backend_kwargs,
-                                                           "settings": settings_d})
+                                                           "settings": settings_d, "niceness": niceness})
                 ds.write_datasink(make_part_sink(out))
             else:  # in-process (tests, debugging): same code path minus Ray
                 worker = ExtractBatch(backend_kind, backend_kwargs, settings_d)
@@ -142,7 +148,7 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
         if kept.num_rows:
             write_part(out, kept)
     final = read_parquet(out)
-    status = dict(zip(*np.unique(np.asarray(final["status"].to_pylist()), return_counts=True), strict=True))
+    status = Counter(final["status"].to_pylist())
     manifest = {
         "users": final.num_rows, "extracted_now": len(todo_users), "cached": len(users) - len(todo_users),
         "status": {k: int(v) for k, v in status.items()}, "model": model_id,
