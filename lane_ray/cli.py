@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -239,6 +240,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share_cores(cfg, kwargs: dict[str, Any], resources: dict[str, float], actors: int, gpus: float) -> None:
+    """Torch threads of CPU ``transformers`` actors when not configured: Ray gives an actor OMP_NUM_THREADS =
+    its num_cpus (1); share the node's cores among the actors instead (1 thread ran at half the speed of 2
+    on a 2-core node)."""
+    if cfg.llm.backend == "transformers" and kwargs.get("num_threads") is None and not gpus:
+        kwargs["num_threads"] = max(1, int(resources.get("CPU", 1) // max(1, actors)))
+
+
 def _preferences(cfg, quiet: bool) -> dict[str, Any]:
     from lane_ray.data import read_prepared
     from lane_ray.llm import backend_kwargs, model_identity
@@ -250,6 +259,7 @@ def _preferences(cfg, quiet: bool) -> dict[str, Any]:
     out = Path(cfg.run.out)
     kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
     pc = cfg.preferences
+    _share_cores(cfg, kwargs, init_ray(cfg.ray), pc.max_actors, pc.gpus_per_actor)
     with Stage("preferences", out, quiet=quiet) as st:
         prepared = read_prepared(out)
         users = user_histories(prepared.interactions, prepared.catalog, pc.max_users)
@@ -264,7 +274,6 @@ def _preferences(cfg, quiet: bool) -> dict[str, Any]:
                                       max_slot_tokens=pc.max_slot_tokens, min_slot_tokens=pc.min_slot_tokens,
                                       vocabulary=vocab, temperature=pc.temperature, seed=pc.seed,
                                       frequency_penalty=pc.frequency_penalty)
-        init_ray(cfg.ray)
         # vLLM runs as its own Ray Data job on GPU actors: the driver orchestrates it, in large batches
         vllm = cfg.llm.backend == "vllm"
         batch_size = pc.batch_size or (8192 if vllm else 32)
@@ -324,6 +333,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from lane_ray.llm import backend_kwargs, model_identity
 
         kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
+        _share_cores(cfg, kwargs, {"CPU": float(os.cpu_count() or 1)}, args.actors, 0.0)
         m = run_explanations(requests, out / "explanations.parquet", out / "explanation_checks.json",
                              cfg.llm.backend, kwargs, settings, model_id, args.batch_size, args.actors,
                              args.cpus_per_actor, args.gpus_per_actor, not_copied_threshold=args.not_copied_threshold,

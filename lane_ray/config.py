@@ -186,7 +186,8 @@ class LLMConfig(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="transformers: weights/activations dtype (bf16 is 2-3x faster on AMX CPUs)."
     )
-    threads_per_actor: int | None = Field(None, ge=1, description="Torch threads per CPU LLM actor (unset = all).")
+    threads_per_actor: int | None = Field(
+        None, ge=1, description="Torch threads per CPU LLM actor (unset = node CPUs / preferences.max_actors).")
     max_prompt_tokens: int = Field(1024, ge=64, description="Prompts are truncated to this many tokens.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine replica.")
     replicas: int = Field(1, ge=1, description="vllm: engine replicas (Ray actors).")
