@@ -69,11 +69,12 @@ class ExtractionSettings:
 
     @property
     def prompt_version(self) -> str:
-        """The prompt version recorded with (and keying the cache of) every result: the prompt text version,
-        plus the grounding vocabulary's hash when decoding is tied to one."""
-        if not self.vocabulary:
-            return PREFERENCE_PROMPT_VERSION
-        return f"{PREFERENCE_PROMPT_VERSION}+vocab-{hashlib.sha1('|'.join(self.vocabulary).encode()).hexdigest()[:8]}"
+        """The version recorded with (and keying the cache of) every result: the prompt text version, whether
+        decoding is grounded in a vocabulary, and a hash of every setting that shapes the output (m, the
+        vocabulary, token budgets, sampling, retries), so changing any of them recomputes the preferences."""
+        settings = json.dumps(sorted(self.__dict__.items()), sort_keys=True, default=list)
+        digest = hashlib.sha1(settings.encode()).hexdigest()[:10]
+        return f"{PREFERENCE_PROMPT_VERSION}+{'vocab' if self.vocabulary else 'free'}-{digest}"
 
 
 def attribute_vocabulary(genres: list[str | None], years: list[str | None], min_items: int = 5) -> tuple[str, ...]:

@@ -186,17 +186,18 @@ class TemplateProcessor:
         left = tuple(o for o in seg.options if o not in taken)
         return left or seg.options  # more distinct slots than options: allow repeats rather than fail
 
-    def _starts(self, i: int) -> list[int] | Any:
-        """First tokens segment ``i`` accepts: token ids, or the content mask of a FreeText."""
+    def _starts(self, row: int, i: int) -> list[int] | Any:
+        """First tokens segment ``i`` accepts for ``row``: token ids, or the content mask of a FreeText."""
         if i >= len(self.segs):
             return [self.v.eos]
         seg = self.segs[i]
         if isinstance(seg, Text):
             toks = self.v.encode(seg.text)
-            return toks[:1] if toks else self._starts(i + 1)
+            return toks[:1] if toks else self._starts(row, i + 1)
         if isinstance(seg, FreeText):
             return self.masks[seg.chars]
-        return [t for t in self.v.trie(seg.options) if t is not None]
+        # options this row may still pick (a distinct choice's earlier picks excluded)
+        return [t for t in self.v.trie(self._options(row, seg)) if t is not None]
 
     def _feed(self, row: int, tok: int) -> None:
         i = self.seg[row]
@@ -257,7 +258,7 @@ class TemplateProcessor:
         node = self.node[row]
         toks = [t for t in node if t is not None]
         if None in node:
-            nxt = self._starts(i + 1)
+            nxt = self._starts(row, i + 1)
             if not isinstance(nxt, list):
                 mask = nxt.clone()
                 mask[toks] = True

@@ -314,8 +314,8 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
 
                 if connect is not None:
                     connect()
-                n_blocks = max(1, math.ceil(table.num_rows / batch_size))
-                ds = ray.data.from_arrow(table).repartition(n_blocks)
+                # blocks of exactly one batch: each becomes one task and one atomic part file
+                ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch_size)
                 ds = ds.map_batches(ExplainBatch, batch_format="pyarrow", batch_size=batch_size,
                                     concurrency=(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                                     fn_constructor_kwargs={"backend_kind": backend_kind,

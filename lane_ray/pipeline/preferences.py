@@ -53,9 +53,20 @@ def user_histories(interactions: pa.Table, catalog: pa.Table, max_users: int | N
     return out
 
 
-def _keys(user_ids: np.ndarray, history_sha1: list[str], model: str, prompt_version: str) -> np.ndarray:
-    return key64([np.asarray(user_ids, dtype=np.int64)], [text_sha1(f"{h}|{model}|{prompt_version}")
-                                                           for h in history_sha1])
+def _keys(user_ids: np.ndarray, history_sha1: list[str], model: str | list[str],
+          prompt_version: str | list[str]) -> np.ndarray:
+    """Cache keys of (user, history, model, prompt version); model and version: one for all rows, or per row."""
+    n = len(history_sha1)
+    models = [model] * n if isinstance(model, str) else model
+    versions = [prompt_version] * n if isinstance(prompt_version, str) else prompt_version
+    return key64([np.asarray(user_ids, dtype=np.int64)],
+                 [text_sha1(f"{h}|{m}|{v}") for h, m, v in zip(history_sha1, models, versions, strict=True)])
+
+
+def _row_keys(table: pa.Table) -> np.ndarray:
+    """Cache keys of stored rows, from their own history hash, model and prompt version."""
+    return _keys(table["user_id"].to_numpy(), table["history_sha1"].to_pylist(), table["model"].to_pylist(),
+                 table["prompt_version"].to_pylist())
 
 
 class ExtractBatch:
@@ -100,10 +111,7 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
     parts = part_files(out)
     if parts:
         t = read_parquet(out, columns=["user_id", "history_sha1", "model", "prompt_version"])
-        have = key64([t["user_id"].to_numpy()],
-                     [text_sha1(f"{h}|{m}|{p}") for h, m, p in zip(t["history_sha1"].to_pylist(),
-                                                                   t["model"].to_pylist(),
-                                                                   t["prompt_version"].to_pylist(), strict=True)])
+        have = _row_keys(t)
     todo = ~np.isin(current, have)
     todo_users = [u for u, t in zip(users, todo, strict=True) if t]
     log(f"preferences: {len(users):,} users, {len(users) - len(todo_users):,} cached, {len(todo_users):,} to extract")
@@ -120,8 +128,8 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
             if use_ray:
                 import ray
 
-                n_blocks = max(1, math.ceil(len(todo_users) / batch_size))
-                ds = ray.data.from_arrow(table).repartition(n_blocks)
+                # blocks of exactly one batch: each becomes one task and one atomic part file
+                ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch_size)
                 ds = ds.map_batches(ExtractBatch, batch_format="pyarrow", batch_size=batch_size,
                                     concurrency=(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                                     fn_constructor_kwargs={"backend_kind": backend_kind,
@@ -136,8 +144,9 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
                                                                                           batch_size)}
     # compaction: one row per current key
     table = read_parquet(out) if part_files(out) else pa.table({c: [] for c in PREFERENCES_SCHEMA.names})
-    keys = _keys(table["user_id"].to_numpy(), table["history_sha1"].to_pylist(), model_id,
-                 version) if table.num_rows else np.zeros(0, np.uint64)
+    # each stored row keyed by its own model and prompt version: rows of an older recipe fall outside
+    # the current keys and are dropped
+    keys = _row_keys(table) if table.num_rows else np.zeros(0, np.uint64)
     first = np.zeros(keys.size, dtype=bool)
     first[np.unique(keys, return_index=True)[1]] = True
     live = np.isin(keys, current) & first

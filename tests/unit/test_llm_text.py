@@ -102,7 +102,13 @@ def test_grounded_prompt_version_and_vocabulary():
     vocab = attribute_vocabulary(["Drama|Crime", "Drama", "unknown", None], ["1995", "1972", None, "19xx"], 1)
     assert vocab == ("1970s", "1990s", "Crime", "Drama")
     s = ExtractionSettings(vocabulary=vocab)
-    assert s.prompt_version.startswith("pref-v2+vocab-") and ExtractionSettings().prompt_version == "pref-v2"
+    assert s.prompt_version.startswith("pref-v2+vocab-")
+    assert ExtractionSettings().prompt_version.startswith("pref-v2+free-")
+    # every setting that shapes the output changes the version, so cached preferences are recomputed
+    versions = {ExtractionSettings(**kw).prompt_version for kw in
+                ({}, {"m": 4}, {"item_noun": "books"}, {"budget_tokens": 300}, {"temperature": 0.5}, {"seed": 1},
+                 {"frequency_penalty": 0.0}, {"max_retries": 1}, {"vocabulary": vocab})}
+    assert len(versions) == 9 and ExtractionSettings().prompt_version == ExtractionSettings().prompt_version
     b = ScriptedBackend(['x"]}'])
     extract_batch([UserHistory(1, HISTORY)], b, ExtractionSettings(m=1, max_retries=0, vocabulary=vocab))
     assert b.constraints[0].segments[0].options == vocab  # every slot opens with a vocabulary choice
