@@ -94,20 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", metavar="FILE", required=True,
                    help="Parquet or JSONL with user_id, item_id, rank, score, preference_weights (one row per "
                    "recommended item); preferences come from OUT/preferences.parquet, titles from OUT/data/")
-    p.add_argument("--max-users", type=int, help="only the first N users of the candidates by id")
-    p.add_argument("--top-k", type=int, default=5, help="explain ranks 1..K of each user (default 5)")
-    p.add_argument("--batch-size", type=int, default=16, help="explanations per generation call (default 16)")
-    p.add_argument("--max-retries", type=int, default=1, help="re-sampling rounds for unparseable replies")
-    p.add_argument("--temperature", type=float, default=0.3, help="sampling temperature (0 = greedy)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; retries add 1000 per round")
-    p.add_argument("--budget-tokens", type=int, default=300, help="history tokens in the prompt (newest kept)")
-    p.add_argument("--max-why-tokens", type=int, default=24, help="token cap of one 'why' sentence")
-    p.add_argument("--max-reason-tokens", type=int, default=40, help="token cap of the reason")
-    p.add_argument("--not-copied-threshold", type=float, default=0.5,
-                   help="minimum share of an explanation's sentences found in no other user's (default 0.5)")
-    p.add_argument("--actors", type=int, default=1, help="maximum LLM actors (CPU: each holds a model copy)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="logical CPUs per LLM actor")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per LLM actor")
+    # each flag overrides its explain.* config field (unset = config, whose defaults are shown)
+    p.add_argument("--max-users", type=int, help="only the first N users of the candidates by id (explain.max_users)")
+    p.add_argument("--top-k", type=int, help="explain ranks 1..K of each user (explain.top_k, default 5)")
+    p.add_argument("--batch-size", type=int, help="explanations per generation call (explain.batch_size, default 16)")
+    p.add_argument("--max-retries", type=int,
+                   help="re-sampling rounds for unparseable replies (explain.max_retries, default 1)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (explain.temperature, "
+                   "default 0.3)")
+    p.add_argument("--seed", type=int, help="sampling seed; retries add 1000 per round (explain.seed, default 0)")
+    p.add_argument("--budget-tokens", type=int,
+                   help="history tokens in the prompt, newest kept (explain.budget_tokens, default 300)")
+    p.add_argument("--max-why-tokens", type=int,
+                   help="token cap of one 'why' sentence (explain.max_why_tokens, default 24)")
+    p.add_argument("--max-reason-tokens", type=int,
+                   help="token cap of the reason (explain.max_reason_tokens, default 40)")
+    p.add_argument("--not-copied-threshold", type=float,
+                   help="minimum share of an explanation's sentences found in no other user's "
+                   "(explain.not_copied_threshold, default 0.5)")
+    p.add_argument("--actors", type=int,
+                   help="maximum LLM actors; CPU: each holds a model copy (explain.max_actors, default 1)")
+    p.add_argument("--cpus-per-actor", type=float,
+                   help="logical CPUs per LLM actor (explain.cpus_per_actor, default 1)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per LLM actor (explain.gpus_per_actor, default 0)")
     p.set_defaults(func=cmd_explain)
 
     for name, what in PENDING.items():
@@ -319,25 +328,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lane_ray.pipeline.explain import load_requests, run_explanations
     from lane_ray.progress import Stage
 
-    for name in ("max_users", "top_k", "batch_size", "actors"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise LaneError(f"lane explain: --{name.replace('_', '-')} must be >= 1")
-    cfg = _config(args)
+    # flags beat --set beats --config beats defaults; pydantic validates them all (one-line ConfigError)
+    cfg = _config(args, **{
+        "explain.top_k": args.top_k, "explain.max_users": args.max_users, "explain.batch_size": args.batch_size,
+        "explain.max_retries": args.max_retries, "explain.temperature": args.temperature,
+        "explain.seed": args.seed, "explain.budget_tokens": args.budget_tokens,
+        "explain.max_why_tokens": args.max_why_tokens, "explain.max_reason_tokens": args.max_reason_tokens,
+        "explain.not_copied_threshold": args.not_copied_threshold, "explain.max_actors": args.actors,
+        "explain.cpus_per_actor": args.cpus_per_actor, "explain.gpus_per_actor": args.gpus_per_actor})
     out = Path(cfg.run.out)
-    settings = ExplainSettings(budget_tokens=args.budget_tokens, with_attributes=cfg.preferences.with_attributes,
-                               item_noun=cfg.preferences.item_noun, max_why_tokens=args.max_why_tokens,
-                               max_reason_tokens=args.max_reason_tokens, max_retries=args.max_retries,
-                               temperature=args.temperature, seed=args.seed)
+    ec = cfg.explain
+    settings = ExplainSettings(budget_tokens=ec.budget_tokens, with_attributes=cfg.preferences.with_attributes,
+                               item_noun=cfg.preferences.item_noun, max_why_tokens=ec.max_why_tokens,
+                               max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries,
+                               temperature=ec.temperature, seed=ec.seed)
     with Stage("explain", out, quiet=args.quiet) as st:
-        requests = load_requests(out, Path(args.candidates), args.top_k, args.max_users)
+        requests = load_requests(out, Path(args.candidates), ec.top_k, ec.max_users)
         from lane_ray.llm import backend_kwargs, model_identity
 
         kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
-        _share_cores(cfg, kwargs, {"CPU": float(os.cpu_count() or 1)}, args.actors, 0.0)
+        _share_cores(cfg, kwargs, {"CPU": float(os.cpu_count() or 1)}, ec.max_actors, 0.0)
         m = run_explanations(requests, out / "explanations.parquet", out / "explanation_checks.json",
-                             cfg.llm.backend, kwargs, settings, model_id, args.batch_size, args.actors,
-                             args.cpus_per_actor, args.gpus_per_actor, not_copied_threshold=args.not_copied_threshold,
-                             connect=lambda: init_ray(cfg.ray))
+                             cfg.llm.backend, kwargs, settings, model_id, ec.batch_size, ec.max_actors,
+                             ec.cpus_per_actor, ec.gpus_per_actor, not_copied_threshold=ec.not_copied_threshold,
+                             connect=lambda: init_ray(cfg.ray), niceness=ec.actor_niceness)
         st.rows = m["explained_now"]
         st.extra = {k: m[k] for k in ("tokens_per_s", "explanations_per_s", "source") if k in m}
     rates = ", ".join(f"{k} {v:.0%}" for k, v in m["rates"].items() if v is not None)

@@ -241,6 +241,36 @@ class PreferencesConfig(_Section):
     )
 
 
+class ExplainConfig(_Section):
+    """Chain-of-thought explanations of recommended items, with logic checks (``lane explain``). The LLM comes
+    from the ``llm`` section; ``with_attributes`` and ``item_noun`` from ``preferences``."""
+
+    top_k: int = Field(5, ge=1, description="Explain ranks 1..top_k of each user's candidates.")
+    max_users: int | None = Field(
+        None, ge=1, description="Only the first N users of the candidates by id (unset = all).")
+    batch_size: int = Field(16, ge=1, description="Explanations per generation call (one Ray Data block each).")
+    max_retries: int = Field(
+        1, ge=0, description="Re-sampling rounds for replies that do not parse (seed + 1000, temperature + 0.3 "
+        "per round); what still fails gets a template explanation.")
+    temperature: float = Field(0.3, ge=0, description="Sampling temperature of the first round (0 = greedy).")
+    seed: int = Field(0, description="Sampling seed of the first round; retries add 1000 per round.")
+    budget_tokens: int = Field(
+        300, ge=0, description="Token budget of the history in the prompt (newest kept; the newest item always is).")
+    max_why_tokens: int = Field(24, ge=1, description="Token cap of one 'why' sentence (step 1).")
+    max_reason_tokens: int = Field(40, ge=1, description="Token cap of the recommendation reason (step 4).")
+    not_copied_threshold: float = Field(
+        0.5, ge=0, le=1,
+        description="not_copied check: minimum share of an explanation's sentences found in no other user's.")
+    max_actors: int = Field(1, ge=1, description="Maximum LLM actors (CPU: each holds a model copy).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per LLM actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per LLM actor (transformers on GPU).")
+    actor_niceness: int | None = Field(
+        -5, ge=-20, le=19,
+        description="Nice value LLM actors set for themselves (Ray's default, 15, lets any other work on the "
+        "node take their CPU). Below 0 needs CAP_SYS_NICE; null leaves it alone.",
+    )
+
+
 class RunConfig(_Section):
     """Where a run writes and how it is seeded."""
 
@@ -258,6 +288,7 @@ class LaneConfig(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="Text embedding stage.")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="The LLM backend.")
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig, description="Preference extraction.")
+    explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations and their checks.")
 
 
 def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:

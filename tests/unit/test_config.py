@@ -34,6 +34,14 @@ def test_yaml_then_overrides_then_flags(tmp_path):
     assert load_config(g) == cfg
 
 
+def test_explain_section_yaml_then_overrides_then_flags(tmp_path):
+    assert LaneConfig().explain.top_k == 5 and LaneConfig().explain.actor_niceness == -5
+    f = tmp_path / "c.yaml"
+    f.write_text("explain:\n  top_k: 3\n  batch_size: 4\n  max_users: 2\n")
+    cfg = load_config(f, ["explain.top_k=2", "explain.batch_size=8"], {"explain.top_k": 1})
+    assert (cfg.explain.top_k, cfg.explain.batch_size, cfg.explain.max_users) == (1, 8, 2)
+
+
 @pytest.mark.parametrize(
     "override, field",
     [
@@ -42,6 +50,9 @@ def test_yaml_then_overrides_then_flags(tmp_path):
         ("data.format=xml", "data.format"),
         ("data.nonsense=1", "data.nonsense"),
         ("synth.items=0", "synth.items"),
+        ("explain.top_k=0", "explain.top_k"),
+        ("explain.not_copied_threshold=1.5", "explain.not_copied_threshold"),
+        ("explain.actor_niceness=-21", "explain.actor_niceness"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_field(override, field):

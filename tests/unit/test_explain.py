@@ -370,3 +370,70 @@ def test_cli_on_a_cached_batch_prints_rates_without_starting_ray(capsys, monkeyp
     assert rc == 0, err
     assert "4 explanations (0 now, 4 cached)" in out and "format_ok 100%" in out
     assert json.loads((prepared_run / "timings.json").read_text())["explain"]["rows"] == 0
+
+
+# -- the explain config section through the CLI -----------------------------------------------------------
+
+@pytest.fixture
+def captured_stage(monkeypatch):
+    """Replace the model and the stage by recorders: what `lane explain` would run, without running it."""
+    seen: dict = {}
+
+    def fake_run(requests, out, checks_path, backend_kind, backend_kwargs, settings, model_id, batch_size, actors,
+                 cpus_per_actor, gpus_per_actor, **kw):
+        seen.update(requests=requests, settings=settings, batch_size=batch_size, actors=actors,
+                    cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, **kw)
+        return {"rows": len(requests), "explained_now": 0, "cached": len(requests), "source": {"llm": 0},
+                "rates": {"format_ok": None}}
+
+    monkeypatch.setattr("lane_ray.llm.model_identity", lambda llm: "fake@1")
+    monkeypatch.setattr("lane_ray.pipeline.explain.run_explanations", fake_run)
+    return seen
+
+
+def test_cli_defaults_match_the_former_flag_defaults(capsys, tmp_path, prepared_run, captured_stage):
+    cands = write_candidates(tmp_path / "c.jsonl", GOOD)
+    assert main(["explain", "--candidates", str(cands), "--out", str(prepared_run), "-q"]) == 0
+    s = captured_stage
+    assert (s["settings"].budget_tokens, s["settings"].max_why_tokens, s["settings"].max_reason_tokens,
+            s["settings"].max_retries, s["settings"].temperature, s["settings"].seed) == (300, 24, 40, 1, 0.3, 0)
+    assert (s["batch_size"], s["actors"], s["cpus_per_actor"], s["gpus_per_actor"]) == (16, 1, 1.0, 0.0)
+    assert (s["not_copied_threshold"], s["niceness"]) == (0.5, -5)
+    assert len(s["requests"]) == 4  # top_k 5, all users
+
+
+def test_cli_explain_section_yaml_then_set_then_flags(capsys, tmp_path, prepared_run, captured_stage):
+    cfgf = tmp_path / "c.yaml"
+    cfgf.write_text("explain:\n  top_k: 1\n  max_users: 2\n  batch_size: 4\n  max_why_tokens: 10\n"
+                    "  not_copied_threshold: 0.8\n  actor_niceness: null\n  temperature: 0.9\n")
+    cands = write_candidates(tmp_path / "c.jsonl", GOOD)
+    rc = main(["explain", "--candidates", str(cands), "--out", str(prepared_run), "-q", "--config", str(cfgf),
+               "--set", "explain.max_why_tokens=12", "--set", "explain.batch_size=8", "--batch-size", "3",
+               "--set", "explain.seed=7", "--temperature", "0"])
+    assert rc == 0, capsys.readouterr().err
+    s = captured_stage
+    # YAML honoured (top_k 1 and max_users 2: one row each of users 1 and 2)
+    assert [(r.user_id, r.rank) for r in s["requests"]] == [(1, 1), (2, 1)]
+    assert (s["not_copied_threshold"], s["niceness"]) == (0.8, None)
+    # --set beats YAML; a flag beats both (even a falsy one: --temperature 0)
+    assert (s["settings"].max_why_tokens, s["settings"].seed, s["batch_size"]) == (12, 7, 3)
+    assert s["settings"].temperature == 0.0
+
+
+@pytest.mark.parametrize(("argv", "field"), [
+    (["--set", "explain.top_k=0"], "explain.top_k"),
+    (["--top-k", "0"], "explain.top_k"),
+    (["--set", "explain.top_k=5", "--top-k", "-1"], "explain.top_k"),
+    (["--max-users", "0"], "explain.max_users"),
+    (["--actors", "0"], "explain.max_actors"),
+    (["--not-copied-threshold", "1.5"], "explain.not_copied_threshold"),
+    (["--set", "explain.gpus_per_actor=-1"], "explain.gpus_per_actor"),
+    (["--set", "explain.nonsense=1"], "explain.nonsense"),
+])
+def test_cli_bad_explain_value_is_one_line_naming_the_field(capsys, tmp_path, prepared_run, captured_stage, argv,
+                                                            field):
+    cands = write_candidates(tmp_path / "c.jsonl", GOOD)
+    rc = main(["explain", "--candidates", str(cands), "--out", str(prepared_run), "-q", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("lane: error: config field") and f"'{field}'" in err
+    assert "Traceback" not in err and not captured_stage
