@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from lane_ray.config import load_config
     from lane_ray.data import load_dataset
     from lane_ray.llm import backend_kwargs, make_backend
-    from lane_ray.llm.preferences import ExtractionSettings, attribute_vocabulary, extract_batch
-    from lane_ray.pipeline.preferences import user_histories
+    from lane_ray.llm.preferences import extract_batch
+    from lane_ray.pipeline.preferences import settings_from_config, user_histories
 
     cfg = load_config(args.config, args.overrides, {"data.dataset": args.dataset})
     sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
@@ -82,16 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --users and every --batch-sizes value must be >= 1")
     prepared = load_dataset(cfg.data)
     users = user_histories(prepared.interactions, prepared.catalog, args.users)
-    cat, pc = prepared.catalog, cfg.preferences
-    vocab: tuple[str, ...] = ()
-    if pc.grounding == "vocabulary" and pc.with_attributes:
-        vocab = attribute_vocabulary(cat["genres"].to_pylist() if "genres" in cat.column_names else [],
-                                     cat["year"].to_pylist() if "year" in cat.column_names else [])
-    settings = ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
-                                  item_noun=pc.item_noun, max_retries=pc.max_retries,
-                                  max_slot_tokens=pc.max_slot_tokens, min_slot_tokens=pc.min_slot_tokens,
-                                  vocabulary=vocab, temperature=pc.temperature, seed=pc.seed,
-                                  frequency_penalty=pc.frequency_penalty)
+    settings = settings_from_config(cfg.preferences, prepared.catalog)
     t0 = time.perf_counter()
     backend = make_backend(cfg.llm.backend, **backend_kwargs(cfg.llm))
     load_s = time.perf_counter() - t0

@@ -260,9 +260,8 @@ def _share_cores(cfg, kwargs: dict[str, Any], resources: dict[str, float], actor
 def _preferences(cfg, quiet: bool) -> dict[str, Any]:
     from lane_ray.data import read_prepared
     from lane_ray.llm import backend_kwargs, model_identity
-    from lane_ray.llm.preferences import ExtractionSettings, attribute_vocabulary
     from lane_ray.pipeline.cluster import init_ray
-    from lane_ray.pipeline.preferences import run_preferences, user_histories
+    from lane_ray.pipeline.preferences import run_preferences, settings_from_config, user_histories
     from lane_ray.progress import Stage
 
     out = Path(cfg.run.out)
@@ -272,17 +271,7 @@ def _preferences(cfg, quiet: bool) -> dict[str, Any]:
     with Stage("preferences", out, quiet=quiet) as st:
         prepared = read_prepared(out)
         users = user_histories(prepared.interactions, prepared.catalog, pc.max_users)
-        cat = prepared.catalog
-        vocab: tuple[str, ...] = ()
-        if pc.grounding == "vocabulary" and pc.with_attributes:
-            vocab = attribute_vocabulary(
-                cat["genres"].to_pylist() if "genres" in cat.column_names else [],
-                cat["year"].to_pylist() if "year" in cat.column_names else [])
-        settings = ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
-                                      item_noun=pc.item_noun, max_retries=pc.max_retries,
-                                      max_slot_tokens=pc.max_slot_tokens, min_slot_tokens=pc.min_slot_tokens,
-                                      vocabulary=vocab, temperature=pc.temperature, seed=pc.seed,
-                                      frequency_penalty=pc.frequency_penalty)
+        settings = settings_from_config(pc, prepared.catalog)
         # vLLM runs as its own Ray Data job on GPU actors: the driver orchestrates it, in large batches
         vllm = cfg.llm.backend == "vllm"
         batch_size = pc.batch_size or (8192 if vllm else 32)

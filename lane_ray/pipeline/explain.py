@@ -35,7 +35,7 @@ from lane_ray.llm.explain import (
     explain_batch,
 )
 from lane_ray.llm.prompts import HistoryItem
-from lane_ray.pipeline.sink import make_part_sink, part_files, remove_unfinished, write_part
+from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
 from lane_ray.progress import RssSampler, log
 from lane_ray.text.rows import key64
 
@@ -309,23 +309,12 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
             table = _requests_table([requests[i] for i in todo_idx], [keys[i] for i in todo_idx])
             settings_d = settings.__dict__.copy()
             t1 = time.perf_counter()
-            if use_ray:
-                import ray
-
-                if connect is not None:
-                    connect()
-                # blocks of exactly one batch: each becomes one task and one atomic part file
-                ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch_size)
-                ds = ds.map_batches(ExplainBatch, batch_format="pyarrow", batch_size=batch_size,
-                                    concurrency=(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-                                    fn_constructor_kwargs={"backend_kind": backend_kind,
-                                                           "backend_kwargs": backend_kwargs,
-                                                           "settings": settings_d, "niceness": niceness})
-                ds.write_datasink(make_part_sink(out))
-            else:  # in-process (tests, debugging): same code path minus Ray
-                worker = ExplainBatch(backend_kind, backend_kwargs, settings_d, backend=backend)
-                for start in range(0, table.num_rows, batch_size):
-                    write_part(out, worker(table.slice(start, batch_size)))
+            if use_ray and connect is not None:
+                connect()
+            ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs, "settings": settings_d,
+                    "niceness": niceness if use_ray else None}  # in-process: never renice the driver
+            map_to_parts(table, ExplainBatch, ctor, out, batch_size, actors, cpus_per_actor, gpus_per_actor,
+                         use_ray, worker=ExplainBatch(**ctor, backend=backend) if not use_ray else None)
             gen_seconds = time.perf_counter() - t1
     # compaction: one row per current key, checks recomputed over the whole current batch
     found = read_parquet(out) if part_files(out) else EXPLANATIONS_SCHEMA.empty_table()

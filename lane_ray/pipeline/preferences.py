@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from lane_ray.data.split import LeaveOneOutSplit
 from lane_ray.io import read_parquet, write_json
-from lane_ray.llm.preferences import ExtractionSettings, UserHistory, extract_batch
+from lane_ray.llm.preferences import ExtractionSettings, UserHistory, attribute_vocabulary, extract_batch
 from lane_ray.llm.prompts import HistoryItem
-from lane_ray.pipeline.sink import make_part_sink, part_files, remove_unfinished, write_part
+from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
 from lane_ray.progress import RssSampler, log
 from lane_ray.text.rows import key64, text_sha1
 
@@ -51,6 +51,20 @@ def user_histories(interactions: pa.Table, catalog: pa.Table, max_users: int | N
         split.check_history(i, prefix)  # the guard: only train items reach a prompt
         out.append(UserHistory(int(split.user_ids[i]), [HistoryItem(*meta[int(x)]) for x in prefix]))
     return out
+
+
+def settings_from_config(pc: Any, catalog: pa.Table) -> ExtractionSettings:
+    """:class:`ExtractionSettings` from the ``preferences`` config section; with ``grounding=vocabulary`` the
+    slot vocabulary is the catalogue's genres and decades (none where the catalogue has no attributes)."""
+    vocab: tuple[str, ...] = ()
+    if pc.grounding == "vocabulary" and pc.with_attributes:
+        cols = catalog.column_names
+        vocab = attribute_vocabulary(catalog["genres"].to_pylist() if "genres" in cols else [],
+                                     catalog["year"].to_pylist() if "year" in cols else [])
+    return ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
+                              item_noun=pc.item_noun, max_retries=pc.max_retries, max_slot_tokens=pc.max_slot_tokens,
+                              min_slot_tokens=pc.min_slot_tokens, vocabulary=vocab, temperature=pc.temperature,
+                              seed=pc.seed, frequency_penalty=pc.frequency_penalty)
 
 
 def _keys(user_ids: np.ndarray, history_sha1: list[str], model: str | list[str],
@@ -125,21 +139,9 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
                                      for u in todo_users], pa.string()),
             })
             t1 = time.perf_counter()
-            if use_ray:
-                import ray
-
-                # blocks of exactly one batch: each becomes one task and one atomic part file
-                ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch_size)
-                ds = ds.map_batches(ExtractBatch, batch_format="pyarrow", batch_size=batch_size,
-                                    concurrency=(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-                                    fn_constructor_kwargs={"backend_kind": backend_kind,
-                                                           "backend_kwargs": backend_kwargs,
-                                                           "settings": settings_d, "niceness": niceness})
-                ds.write_datasink(make_part_sink(out))
-            else:  # in-process (tests, debugging): same code path minus Ray
-                worker = ExtractBatch(backend_kind, backend_kwargs, settings_d)
-                for start in range(0, table.num_rows, batch_size):
-                    write_part(out, worker(table.slice(start, batch_size)))
+            ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs, "settings": settings_d,
+                    "niceness": niceness if use_ray else None}  # in-process: never renice the driver
+            map_to_parts(table, ExtractBatch, ctor, out, batch_size, actors, cpus_per_actor, gpus_per_actor, use_ray)
             ray_info = {"seconds": round(time.perf_counter() - t1, 3), "blocks": math.ceil(len(todo_users) /
                                                                                           batch_size)}
     # compaction: one row per current key
@@ -199,5 +201,6 @@ def write_preference_texts(preferences: str | Path, out: str | Path) -> int:
     return table.num_rows
 
 
-__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "read_preferences", "run_preferences", "user_histories",
+__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "read_preferences", "run_preferences", "settings_from_config",
+           "user_histories",
            "write_preference_texts"]

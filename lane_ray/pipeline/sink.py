@@ -46,6 +46,26 @@ def make_part_sink(out: Path, metadata: dict[bytes, bytes] | None = None) -> Any
     return AtomicPartSink()
 
 
+def map_to_parts(table: pa.Table, worker_cls: type, ctor_kwargs: dict[str, Any], out: Path, batch_size: int,
+                 actors: int, cpus_per_actor: float, gpus_per_actor: float, use_ray: bool = True,
+                 worker: Any = None) -> None:
+    """Run ``worker_cls(**ctor_kwargs)`` over ``table`` in batches of ``batch_size`` rows, each result written
+    as one atomic part file of ``out``: with Ray, blocks of exactly one batch mapped by an actor pool of
+    1..``actors`` (each loads its model once); in-process (tests, debugging; ``worker`` may be given) the
+    same calls in a loop."""
+    if use_ray:
+        import ray
+
+        ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch_size)
+        ds = ds.map_batches(worker_cls, batch_format="pyarrow", batch_size=batch_size, concurrency=(1, actors),
+                            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, fn_constructor_kwargs=ctor_kwargs)
+        ds.write_datasink(make_part_sink(out))
+        return
+    worker = worker or worker_cls(**ctor_kwargs)
+    for start in range(0, table.num_rows, batch_size):
+        write_part(out, worker(table.slice(start, batch_size)))
+
+
 def part_files(out: Path) -> list[Path]:
     return sorted(out.glob(f"{PART_PREFIX}*.parquet")) if out.exists() else []
 

@@ -18,3 +18,19 @@ def ray_cluster(tmp_path_factory):
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """The packaged SmolLM2 through the transformers backend, loaded once per test session (~20 s) with one
+    torch thread, so a shared test machine is not oversubscribed; the thread count is restored after."""
+    torch = pytest.importorskip("torch")
+    from lane_ray.llm.transformers_backend import LLMNotFoundError, TransformersBackend
+
+    threads = torch.get_num_threads()
+    try:
+        yield TransformersBackend(num_threads=1)
+    except LLMNotFoundError as exc:
+        pytest.skip(str(exc))
+    finally:
+        torch.set_num_threads(threads)

@@ -68,20 +68,6 @@ CATALOG = [
 VOCABULARY = attribute_vocabulary([it.genres for it in CATALOG], [it.year for it in CATALOG], min_items=3)
 
 
-@pytest.fixture(scope="module")
-def llm():
-    torch = pytest.importorskip("torch")
-    from lane_ray.llm.transformers_backend import LLMNotFoundError, TransformersBackend
-
-    threads = torch.get_num_threads()
-    try:
-        yield TransformersBackend(num_threads=1)  # one thread: a shared test machine is not oversubscribed
-    except LLMNotFoundError as exc:
-        pytest.skip(str(exc))
-    finally:
-        torch.set_num_threads(threads)
-
-
 def settings(**kw) -> ExtractionSettings:
     return ExtractionSettings(**{"m": M, "max_retries": 1, "vocabulary": VOCABULARY, **kw})
 
