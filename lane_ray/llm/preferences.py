@@ -160,7 +160,9 @@ def extract_batch(users: list[UserHistory], backend: LLMBackend, s: ExtractionSe
     for attempt in range(s.max_retries + 1):
         if not pending:
             break
-        params = GenerationParams(max_new_tokens=s.m * (s.max_slot_tokens + 8) + 4,
+        # room for the whole template (vocabulary term, connector, free words, separators: the processor ends
+        # the reply with EOS once it is complete), so a reply is never cut off and then "repaired"
+        params = GenerationParams(max_new_tokens=s.m * (s.max_slot_tokens + 16) + 8,
                                   temperature=s.temperature + attempt * s.retry_temperature_step,
                                   seed=s.seed + 1000 * attempt, frequency_penalty=s.frequency_penalty)
         gens = backend.generate([state[uid]["messages"] for uid in pending], params, prefill=PREFERENCE_PREFILL,
