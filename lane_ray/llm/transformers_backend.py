@@ -302,9 +302,6 @@ class TemplateProcessor:
                 scores[row].masked_fill_(~allowed[:width], neg)
         return scores
 
-    def finished(self, row: int) -> bool:
-        return self.seg[row] >= len(self.segs)
-
 
 class TransformersBackend:
     """Chat generation with ``transformers``. ``model`` is an HF directory, a .gguf file or a packaged name.
