@@ -204,7 +204,21 @@ class LLMConfig(_Section):
         3, ge=0, description="openai: retries of a request after HTTP 429/5xx or a dropped connection (backoff).")
 
 
-class PreferencesConfig(_Section):
+class _LLMActors(_Section):
+    """The LLM actor pool of a stage (preferences, explanations)."""
+
+    max_actors: int = Field(1, ge=1, description="Maximum LLM actors (CPU: each holds a model copy).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per LLM actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per LLM actor (transformers on GPU).")
+    actor_niceness: int | None = Field(
+        -5, ge=-20, le=19,
+        description="Nice value LLM actors set for themselves (Ray's default, 15, lets any other work on the "
+        "node take their CPU: measured ~4x slower on a busy 2-core machine). Below 0 needs CAP_SYS_NICE; "
+        "null leaves it alone.",
+    )
+
+
+class PreferencesConfig(_LLMActors):
     """Zero-shot preference extraction (LANE step 2)."""
 
     m: int = Field(5, ge=1, le=20, description="Preferences per user.")
@@ -230,18 +244,9 @@ class PreferencesConfig(_Section):
         None, ge=1, description="Users per generation call (unset = 32; with llm.backend=vllm 8192, since every "
         "call starts the engine actors of a Ray Data job).")
     max_users: int | None = Field(None, ge=1, description="Only the first N users by id (unset = all).")
-    max_actors: int = Field(1, ge=1, description="Maximum LLM actors (CPU: each holds a model copy).")
-    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per LLM actor.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per LLM actor (transformers on GPU).")
-    actor_niceness: int | None = Field(
-        -5, ge=-20, le=19,
-        description="Nice value LLM actors set for themselves (Ray's default, 15, lets any other work on the "
-        "node take their CPU: measured ~4x slower on a busy 2-core machine). Below 0 needs CAP_SYS_NICE; "
-        "null leaves it alone.",
-    )
 
 
-class ExplainConfig(_Section):
+class ExplainConfig(_LLMActors):
     """Chain-of-thought explanations of recommended items, with logic checks (``lane explain``). The LLM comes
     from the ``llm`` section; ``with_attributes`` and ``item_noun`` from ``preferences``."""
 
@@ -261,14 +266,6 @@ class ExplainConfig(_Section):
     not_copied_threshold: float = Field(
         0.5, ge=0, le=1,
         description="not_copied check: minimum share of an explanation's sentences found in no other user's.")
-    max_actors: int = Field(1, ge=1, description="Maximum LLM actors (CPU: each holds a model copy).")
-    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per LLM actor.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per LLM actor (transformers on GPU).")
-    actor_niceness: int | None = Field(
-        -5, ge=-20, le=19,
-        description="Nice value LLM actors set for themselves (Ray's default, 15, lets any other work on the "
-        "node take their CPU). Below 0 needs CAP_SYS_NICE; null leaves it alone.",
-    )
 
 
 class RunConfig(_Section):
