@@ -20,8 +20,6 @@ FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 
 # Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
 PENDING = {
-    "train": "model training with Ray Train",
-    "evaluate": "evaluation (full ranking and sampled-100)",
     "serve": "the Ray Serve application",
     "submit": "submitting a job to a Ray cluster",
     "report": "the run report",
@@ -119,6 +117,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per LLM actor (explain.gpus_per_actor, default 0)")
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("train", help="train one recommender variant with Ray Train (DDP), then evaluate it on test")
+    _common(p)
+    _dataset_args(p, positional=False)
+    _train_args(p)
+    p.add_argument("--workers", type=int, help="Ray Train workers (train.num_workers, default 1)")
+    p.add_argument("--variant", choices=VARIANT_CHOICES, help="model variant (train.variant, default lane)")
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, help="sequence encoder (train.backbone, default sasrec)")
+    p.add_argument("--seed", type=int, help="seed (train.seed, default 0)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate trained checkpoints on test (full ranking and sampled-100)")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="DIR", action="append",
+                   help="checkpoint directory (repeatable; default: every one under OUT/checkpoints/)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also measure whether removing the top-weight preference hurts more than a random one")
+    p.set_defaults(func=cmd_evaluate)
+
+    exp = sub.add_parser("experiment", help="experiments: ablation")
+    esub = exp.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    esub.required = True
+    p = esub.add_parser("ablation", help="id / title / lane / lane-shuffled for each backbone over seeds")
+    _common(p)
+    _dataset_args(p, positional=False)
+    _train_args(p)
+    p.add_argument("--backbones", default="sasrec", help="comma-separated: sasrec,gru4rec,bert4rec,diffurec")
+    p.add_argument("--variants", default=",".join(VARIANT_CHOICES), help="comma-separated variants (default all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="0: train in-process (the same epoch functions, no Ray Train overhead); N: Ray Train with N "
+                   "workers")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness measurement")
+    p.set_defaults(func=cmd_experiment_ablation)
+
     for name, what in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not available in this version)")
         _common(p)
@@ -127,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=_pending(name, what))
     return parser
+
+
+VARIANT_CHOICES = ["id", "title", "lane", "lane-shuffled"]
+BACKBONE_CHOICES = ["sasrec", "gru4rec", "bert4rec", "diffurec"]
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="maximum epochs (train.epochs, default 200)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (train.patience, default 10)")
 
 
 def _pending(name: str, what: str) -> Callable[[argparse.Namespace], int]:
@@ -346,6 +387,117 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rates = ", ".join(f"{k} {v:.0%}" for k, v in m["rates"].items() if v is not None)
     print(f"{out / 'explanations.parquet'}: {m['rows']} explanations ({m['explained_now']} now, {m['cached']} "
           f"cached); source {m['source']}; checks: {rates}")
+    return 0
+
+
+def _train_features(cfg, variants: list[str], quiet: bool):
+    """Data, title embeddings (when a title variant needs them) and preferences (lane variants) of the run
+    directory: cached stages are skipped; preferences are extracted when missing."""
+    from lane_ray.train.features import load_features
+
+    out = Path(cfg.run.out)
+    _prepare(cfg, quiet)
+    titles = any(v != "id" for v in variants)
+    prefs = any(v.startswith("lane") for v in variants)
+    if titles:
+        catalog, dest = _embed_paths(str(out), None, cfg.run.out)
+        _embed(cfg, catalog, dest, quiet, out)
+    if prefs:
+        _preferences(cfg, quiet)
+    return load_features(out, titles=titles, preferences=prefs, m=cfg.train.m)
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"train.epochs": args.epochs, "train.patience": args.patience,
+            "train.num_workers": getattr(args, "workers", None) if args.command == "train" else None,
+            "train.variant": getattr(args, "variant", None), "train.backbone": getattr(args, "backbone", None),
+            "train.seed": getattr(args, "seed", None)}
+
+
+def _train_and_evaluate(cfg, quiet: bool) -> dict[str, Any]:
+    from lane_ray.models import load_checkpoint
+    from lane_ray.pipeline.train import evaluate_model, metrics_key, train_variant, write_metrics
+    from lane_ray.progress import Stage
+
+    tc, out = cfg.train, Path(cfg.run.out)
+    feats = _train_features(cfg, [tc.variant], quiet)
+    with Stage(f"train_{tc.backbone}_{tc.variant}", out, quiet=quiet) as st:
+        summary = train_variant(tc, cfg.ray, out, feats, quiet=quiet)
+        st.rows = feats.split.num_users
+        st.extra = {"epochs": summary["epochs"], "seconds_per_epoch": summary["seconds_per_epoch"],
+                    "workers": tc.num_workers}
+    model, _ = load_checkpoint(summary["checkpoint"])
+    with Stage(f"evaluate_{tc.backbone}_{tc.variant}", out, quiet=quiet):
+        result = evaluate_model(model, feats, tc, tc.variant, tc.seed, faithfulness=model.cfg.align)
+    result.update(epochs=summary["epochs"], best_epoch=summary["best_epoch"],
+                  train_seconds=round(summary["train_seconds"], 2), seconds_per_epoch=summary["seconds_per_epoch"],
+                  valid=summary["best_valid"], num_workers=tc.num_workers, checkpoint=summary["checkpoint"])
+    write_metrics(out / "metrics.json", metrics_key(tc.backbone, tc.variant, tc.seed), result)
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args, **_train_overrides(args))
+    r = _train_and_evaluate(cfg, args.quiet)
+    tc = cfg.train
+    print(f"{r['checkpoint']}: {tc.backbone}/{tc.variant}/seed{tc.seed} {r['epochs']} epochs "
+          f"({r['seconds_per_epoch']:.2f} s/epoch, {tc.num_workers} worker(s)); test ndcg@10 full "
+          f"{r['full']['ndcg@10']:.4f}, sampled100 {r['sampled100']['ndcg@10']:.4f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lane_ray.models import load_checkpoint
+    from lane_ray.pipeline.train import evaluate_model, metrics_key, write_metrics
+    from lane_ray.progress import Stage
+    from lane_ray.train.features import load_features
+
+    cfg = _config(args)
+    out = Path(cfg.run.out)
+    dirs = [Path(d) for d in args.checkpoint] if args.checkpoint else sorted(
+        p.parent for p in (out / "checkpoints").glob("*/config.json"))
+    if not dirs:
+        raise LaneError(f"{out / 'checkpoints'}: no checkpoints; run `lane train --out {out}` first")
+    loaded = [(d, *load_checkpoint(d)) for d in dirs]
+    need_titles = any(m.cfg.item_mode == "title" for _, m, _ in loaded)
+    need_prefs = any(m.cfg.align for _, m, _ in loaded)
+    feats = load_features(out, titles=need_titles, preferences=need_prefs, m=cfg.train.m)
+    for d, model, meta in loaded:
+        variant = meta.get("variant") or ("lane" if model.cfg.align else model.cfg.item_mode)
+        seed = int(meta.get("seed", 0))
+        if model.cfg.num_items != feats.num_items:
+            raise LaneError(f"{d}: checkpoint has {model.cfg.num_items} items, the run's catalogue "
+                            f"{feats.num_items}")
+        key = metrics_key(model.cfg.backbone, variant, seed)
+        with Stage(f"evaluate {key}", out, quiet=args.quiet):
+            result = evaluate_model(model, feats, cfg.train, variant, seed, faithfulness=args.faithfulness)
+        write_metrics(out / "metrics.json", key, result)
+        f = result.get("faithfulness")
+        extra = f"; faithfulness {f['top_hurts_more']:.3f} of {f['users']} users" if f and f["users"] else ""
+        print(f"{key}: test ndcg@10 full {result['full']['ndcg@10']:.4f}, sampled100 "
+              f"{result['sampled100']['ndcg@10']:.4f} ({result['eval_seconds']:.1f} s){extra}")
+    return 0
+
+
+def cmd_experiment_ablation(args: argparse.Namespace) -> int:
+    from lane_ray.pipeline.experiment import run_ablation
+
+    cfg = _config(args, **_train_overrides(args))
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for b in backbones:
+        if b not in BACKBONE_CHOICES:
+            raise LaneError(f"--backbones: unknown backbone {b!r} (choose from {', '.join(BACKBONE_CHOICES)})")
+    for v in variants:
+        if v not in VARIANT_CHOICES:
+            raise LaneError(f"--variants: unknown variant {v!r} (choose from {', '.join(VARIANT_CHOICES)})")
+    if args.seeds < 1:
+        raise LaneError("--seeds must be >= 1")
+    out = Path(cfg.run.out)
+    feats = _train_features(cfg, variants, args.quiet)
+    run_ablation(cfg.train, cfg.ray, out, feats, backbones, variants, args.seeds, args.workers,
+                 faithfulness=not args.no_faithfulness, quiet=args.quiet)
+    print(f"{out / 'metrics.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
     return 0
 
 

@@ -268,6 +268,43 @@ class ExplainConfig(_LLMActors):
         description="not_copied check: minimum share of an explanation's sentences found in no other user's.")
 
 
+class TrainConfig(_Section):
+    """Recommender training (Ray Train) and evaluation. Defaults were chosen on ml-100k *validation* NDCG@10."""
+
+    backbone: Literal["sasrec", "gru4rec", "bert4rec", "diffurec"] = Field(
+        "sasrec", description="Sequence encoder: sasrec, gru4rec, bert4rec or diffurec.")
+    variant: Literal["id", "title", "lane", "lane-shuffled"] = Field(
+        "lane", description="id (ID table), title (title embeddings), lane (title + preference alignment), "
+        "lane-shuffled (alignment with another user's preferences: the control).")
+    hidden: int = Field(64, ge=8, description="Hidden size H of item vectors and sequence states.")
+    layers: int = Field(2, ge=1, description="Transformer blocks (GRU layers for gru4rec).")
+    heads: int = Field(1, ge=1, description="Self-attention heads of the backbone.")
+    align_heads: int = Field(1, ge=1, description="Attention heads of the preference-alignment layer.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout of the backbone.")
+    align_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout of the alignment layer.")
+    max_len: int = Field(50, ge=2, description="Items of history the model reads (longer train prefixes are "
+                         "cropped to a random window each epoch).")
+    finetune_titles: bool = Field(False, description="title modes: train the title vectors too (else frozen).")
+    m: int | None = Field(None, ge=1, description="Preferences per user read from preference_embeddings.parquet "
+                          "(unset = all slots present).")
+    loss: Literal["ce", "bce"] = Field("ce", description="ce: softmax over all items; bce: one sampled negative "
+                                       "per position (the paper's loss).")
+    epochs: int = Field(200, ge=1, description="Maximum epochs.")
+    patience: int = Field(10, ge=1, description="Stop after this many epochs without a better validation NDCG@10.")
+    batch_size: int = Field(128, ge=1, description="Users per training batch (per worker under Ray Train).")
+    eval_batch_size: int = Field(256, ge=1, description="Users per evaluation batch.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
+    seed: int = Field(0, description="Seed of initialisation, batch order, crops and the sampled-100 negatives.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes).")
+    use_gpu: bool = Field(False, description="One GPU per Ray Train worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved per Ray Train worker.")
+    threads_per_worker: int | None = Field(None, ge=1, description="Torch threads per worker (unset = the node's "
+                                           "cores shared among the workers).")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (resuming from the "
+                              "last checkpoint).")
+
+
 class RunConfig(_Section):
     """Where a run writes and how it is seeded."""
 
@@ -286,6 +323,7 @@ class LaneConfig(_Section):
     llm: LLMConfig = Field(default_factory=LLMConfig, description="The LLM backend.")
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig, description="Preference extraction.")
     explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations and their checks.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Recommender training and evaluation.")
 
 
 def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -1,0 +1,256 @@
+"""Ray Train: one variant of the recommender trained with ``TorchTrainer`` (DDP), data sharded through Ray Data.
+
+The worker loop is thin: it takes its shard of user rows (``ray.train.get_dataset_shard``), wraps the pure torch
+model with ``prepare_model`` (DDP), runs the pure epoch functions of :mod:`lane_ray.train.loop`, and on rank 0
+evaluates validation NDCG@10, keeps the best weights and reports a checkpoint every epoch. The stop decision is
+broadcast so every worker leaves the loop together. ``FailureConfig`` restarts the workers after a failure and the
+loop resumes from the last reported checkpoint (weights, optimizer, epoch, best so far, curve).
+
+Launch (local cluster or ``RAY_ADDRESS``)::
+
+    lane train --out runs/default --set train.backbone=sasrec --set train.variant=lane --set train.num_workers=2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lane_ray.config import RayConfig, TrainConfig
+from lane_ray.errors import LaneError
+from lane_ray.progress import log
+
+
+def arch_kwargs(tc: TrainConfig) -> dict[str, Any]:
+    return {"hidden": tc.hidden, "layers": tc.layers, "heads": tc.heads, "dropout": tc.dropout,
+            "max_len": tc.max_len, "align_heads": tc.align_heads, "align_dropout": tc.align_dropout,
+            "finetune_titles": tc.finetune_titles}
+
+
+def build_model(tc: TrainConfig, feats, variant: str | None = None):
+    """A fresh model for ``variant`` (default ``tc.variant``) sized from the features."""
+    import torch
+
+    from lane_ray.models import SequentialRecommender
+    from lane_ray.train.loop import model_config
+
+    variant = variant or tc.variant
+    dims = {}
+    if feats.titles is not None:
+        dims["title_dim"] = int(feats.titles.shape[1])
+    if feats.prefs is not None:
+        dims["pref_dim"] = int(feats.prefs.shape[2])
+    cfg = model_config(variant, feats.num_items, tc.backbone, **arch_kwargs(tc), **dims)
+    titles = torch.from_numpy(feats.titles) if cfg.item_mode == "title" else None
+    return SequentialRecommender(cfg, titles)
+
+
+def variant_features(feats, variant: str, seed: int):
+    """The features a variant trains on: ``lane-shuffled`` gets another user's preferences."""
+    return feats.shuffled(seed) if variant == "lane-shuffled" else feats
+
+
+def _save_state(directory: Path, model, optimizer, state: dict[str, Any], best_state: dict | None, meta: dict) -> None:
+    import torch
+
+    from lane_ray.models import save_checkpoint
+
+    save_checkpoint(model, directory / "model", meta)
+    if best_state is not None:
+        best = build_like(model)
+        best.load_state_dict(best_state)
+        save_checkpoint(best, directory / "best", {**meta, "epoch": state["best_epoch"],
+                                                    "valid": state["best_valid"]})
+    torch.save({"optimizer": optimizer.state_dict(), **state}, directory / "train_state.pt")
+
+
+def build_like(model):
+    from lane_ray.models import SequentialRecommender
+
+    return SequentialRecommender(model.cfg)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop (see the module docstring)."""
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from ray.train.torch import prepare_model
+
+    from lane_ray.models import load_checkpoint
+    from lane_ray.train.loop import evaluate, sampled_negatives, train_epoch
+
+    tc = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(tc.seed)
+    feats = variant_features(ray.get(config["features"]), tc.variant, tc.seed)
+    model = build_model(tc, feats)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "best_valid": None, "curve": []}
+    best_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # restarted after a failure: resume where the last checkpoint left off
+        with ckpt.as_directory() as d:
+            resumed, _ = load_checkpoint(Path(d) / "model")
+            model.load_state_dict(resumed.state_dict())
+            saved = torch.load(Path(d) / "train_state.pt", weights_only=False)
+            optimizer.load_state_dict(saved.pop("optimizer"))
+            state.update(saved)
+            if (Path(d) / "best").exists():
+                best_state = load_checkpoint(Path(d) / "best")[0].state_dict()
+        if rank == 0:
+            log(f"train: resumed at epoch {state['epoch']} (best valid ndcg@10 {state['best_ndcg']:.4f})")
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+    ddp = prepare_model(model) if world > 1 or tc.use_gpu else model
+    model.to(device)
+    negatives = sampled_negatives(feats, 100, tc.seed) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    meta = {"backbone": tc.backbone, "variant": tc.variant, "seed": tc.seed, "loss": tc.loss}
+    for epoch in range(state["epoch"], tc.epochs):
+        if config.get("fail_at_epoch") == epoch and ckpt is None:
+            os._exit(1)  # fault injection for tests: a worker dies once, before this epoch's checkpoint
+        t0 = time.perf_counter()
+        rows_iter = (b["data"] for b in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
+                                                           local_shuffle_buffer_size=4 * tc.batch_size,
+                                                           local_shuffle_seed=tc.seed * 100_003 + epoch))
+        loss = train_epoch(model, optimizer, feats, rows_iter, tc.loss, device, module=ddp,
+                           rng=np.random.default_rng([tc.seed, epoch, rank, 1]))
+        rec: dict[str, Any] = {"epoch": epoch, "loss": loss, "epoch_seconds": time.perf_counter() - t0}
+        stop = [False]
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                v = evaluate(model, feats, "valid", ("full", "sampled100"), tc.eval_batch_size, device, negatives)
+                rec["valid"] = v
+                rec["eval_seconds"] = time.perf_counter() - t0 - rec["epoch_seconds"]
+                if v["full"]["ndcg@10"] > state["best_ndcg"]:
+                    state.update(best_ndcg=v["full"]["ndcg@10"], best_epoch=epoch, best_valid=v)
+                    best_state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
+                state["curve"].append(rec)
+                state["epoch"] = epoch + 1
+                stop[0] = epoch - state["best_epoch"] >= tc.patience
+                _save_state(Path(tmp), model, optimizer, state, best_state, meta)
+                checkpoint = Checkpoint.from_directory(tmp)
+            if world > 1:
+                dist.broadcast_object_list(stop, src=0)
+            metrics = {"epoch": epoch, "loss": loss,
+                       "valid_ndcg@10": rec["valid"]["full"]["ndcg@10"] if "valid" in rec else None}
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if stop[0]:
+            break
+
+
+def build_trainer(tc: TrainConfig, features_ref: Any, storage: Path, name: str, resources: dict[str, float],
+                  fail_at_epoch: int | None = None):
+    """A ``TorchTrainer`` for one variant. ``features_ref`` is an object ref of :class:`Features` (workers on
+    other nodes get it from the object store); the train rows are sharded through a Ray Data dataset."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    num_users = ray.get(features_ref).split.num_users
+    threads = tc.threads_per_worker or max(1, int(resources.get("CPU", 1) // tc.num_workers))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": tc.model_dump(), "features": features_ref, "threads": threads,
+                           "fail_at_epoch": fail_at_epoch},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        # blocks built in the driver: no read task has to find a CPU next to the train workers (on a 2-CPU node
+        # two workers hold them all and a ReadRange task would wait forever)
+        datasets={"train": ray.data.from_numpy(np.arange(num_users, dtype=np.int64))},
+        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+    )
+
+
+def train_variant(tc: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, fail_at_epoch: int | None = None,
+                  quiet: bool = False) -> dict[str, Any]:
+    """Train ``tc.variant`` with Ray Train; copy the best checkpoint to ``run_dir/checkpoints/<variant>/`` and the
+    curve to ``run_dir/curves/<backbone>-<variant>-seed<k>.json``. Returns the curve summary."""
+    import ray
+
+    from lane_ray.pipeline.cluster import init_ray
+
+    resources = init_ray(ray_cfg)
+    need = tc.num_workers * tc.cpus_per_worker
+    if need > resources.get("CPU", 0):
+        raise LaneError(f"train: {tc.num_workers} workers x {tc.cpus_per_worker} CPU need {need:g} CPUs; the "
+                        f"cluster has {resources.get('CPU', 0):g} (lower train.cpus_per_worker or num_workers)")
+    name = f"{tc.backbone}-{tc.variant}-seed{tc.seed}"
+    storage = run_dir / "ray_train"
+    if (storage / name).exists():
+        shutil.rmtree(storage / name)  # a fresh run; resuming after failures happens inside one fit()
+    t0 = time.perf_counter()
+    result = build_trainer(tc, ray.put(feats), storage, name, resources, fail_at_epoch).fit()
+    seconds = time.perf_counter() - t0
+    if result.error is not None:
+        raise LaneError(f"train: {name} failed: {result.error}")
+    if result.checkpoint is None:
+        raise LaneError(f"train: {name} reported no checkpoint")
+    dest = run_dir / "checkpoints" / (tc.variant if tc.backbone == "sasrec" else f"{tc.backbone}-{tc.variant}")
+    with result.checkpoint.as_directory() as d:
+        import torch
+
+        state = torch.load(Path(d) / "train_state.pt", weights_only=False)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(d) / "best", tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    curve = state["curve"]
+    summary = {"name": name, "checkpoint": str(dest), "epochs": len(curve), "best_epoch": state["best_epoch"],
+               "best_valid": state["best_valid"], "train_seconds": seconds, "num_workers": tc.num_workers,
+               "seconds_per_epoch": float(np.mean([c["epoch_seconds"] for c in curve])) if curve else None,
+               "curve": curve}
+    from lane_ray.io import write_json
+
+    write_json(run_dir / "curves" / f"{name}.json", summary)
+    return summary
+
+
+def metrics_key(backbone: str, variant: str, seed: int) -> str:
+    return f"{backbone}/{variant}/seed{seed}"
+
+
+def evaluate_model(model, feats, tc: TrainConfig, variant: str, seed: int, faithfulness: bool = False,
+                   device: str = "cpu") -> dict[str, Any]:
+    """Test metrics of a trained model under both protocols (+ faithfulness for aligned models), with timings."""
+    from lane_ray.train import loop
+
+    vf = variant_features(feats, variant, seed)
+    t0 = time.perf_counter()
+    out: dict[str, Any] = dict(loop.evaluate(model, vf, "test", loop.PROTOCOLS, tc.eval_batch_size, device,
+                                             seed=seed))
+    out["eval_seconds"] = time.perf_counter() - t0
+    if faithfulness and model.cfg.align:
+        t0 = time.perf_counter()
+        out["faithfulness"] = loop.faithfulness(model, vf, "test", tc.eval_batch_size, seed, device)
+        out["faithfulness"]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def write_metrics(path: Path, key: str, result: dict[str, Any]) -> None:
+    """Record ``result`` under ``key`` in metrics.json; a faithfulness result goes under ``faithfulness``."""
+    from lane_ray.io import write_json
+
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    result = dict(result)
+    faith = result.pop("faithfulness", None)
+    doc[key] = {**doc.get(key, {}), **result}
+    if faith is not None:
+        doc.setdefault("faithfulness", {})[key] = faith
+    write_json(path, doc)

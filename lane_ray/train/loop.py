@@ -1,0 +1,220 @@
+"""Pure epoch functions: training, evaluation under both protocols, faithfulness. No Ray; the Ray Train loop
+(``lane_ray.pipeline.train``) and the in-process experiments call the same functions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lane_ray.models import ModelConfig, SequentialRecommender
+from lane_ray.train.features import Features
+from lane_ray.train.metrics import rank_metrics, target_ranks
+
+Protocol = Literal["full", "sampled100"]
+PROTOCOLS: tuple[Protocol, ...] = ("full", "sampled100")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: Literal["bce", "ce"] = "ce"
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    eval_every: int = 1
+    eval_batch_size: int = 256
+    seed: int = 0
+
+
+def model_config(variant: str, num_items: int, backbone: str, **arch: Any) -> ModelConfig:
+    """The architecture of an ablation variant: ``id``, ``title``, ``lane`` (title + alignment), ``lane-shuffled``."""
+    if variant not in ("id", "title", "lane", "lane-shuffled"):
+        raise ValueError(f"unknown variant {variant!r}; choose id, title, lane or lane-shuffled")
+    return ModelConfig(num_items=num_items, backbone=backbone,  # type: ignore[arg-type]
+                       item_mode="id" if variant == "id" else "title", align=variant.startswith("lane"), **arch)
+
+
+def _prefs(feats: Features, rows: np.ndarray, model: SequentialRecommender, device: torch.device):
+    if not model.cfg.align:
+        return None, None
+    assert feats.prefs is not None and feats.pref_mask is not None, "this model needs preference vectors"
+    return (torch.from_numpy(feats.prefs[rows]).to(device), torch.from_numpy(feats.pref_mask[rows]).to(device))
+
+
+def train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer, feats: Features,
+                row_batches: Iterable[np.ndarray], loss_type: str = "ce", device: torch.device | str = "cpu",
+                module: torch.nn.Module | None = None, rng: np.random.Generator | None = None) -> float:
+    """One pass over ``row_batches`` (arrays of split rows); returns the mean loss. ``module`` is what is called
+    for the loss (a DDP wrapper of ``model`` under Ray Train), defaulting to ``model``; ``rng`` draws random
+    windows of histories longer than ``max_len`` (see :meth:`Features.train_items`)."""
+    device = torch.device(device)
+    model.train()
+    call = module or model
+    total, n = 0.0, 0
+    for rows in row_batches:
+        items = torch.from_numpy(feats.train_items(rows, model.cfg.max_len, rng)).to(device)
+        lens = (items > 0).sum(1).max().item()  # trim all-padding columns: sequences are left-padded
+        items = items[:, items.shape[1] - max(int(lens), 2):]
+        prefs, mask = _prefs(feats, rows, model, device)
+        loss = call(items, prefs, mask, loss_type)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(rows)
+        n += len(rows)
+    return total / max(n, 1)
+
+
+def sampled_negatives(feats: Features, num: int = 100, seed: int = 0) -> np.ndarray:
+    """[U, num] dense item indices each user never interacted with (any stage), uniform, fixed seed. Negatives
+    may repeat within a user (as in the SASRec/LANE protocol); a user needs at least one unseen item."""
+    split, N = feats.split, feats.num_items
+    U = split.num_users
+    user_of = np.repeat(np.arange(U), np.diff(split.offsets))
+    seen = np.unique(user_of * (N + 1) + feats.index.encode(split.items))
+    if (np.bincount(seen // (N + 1), minlength=U) >= N).any():
+        raise ValueError("a user has interacted with every item: no negatives to sample")
+    rng = np.random.default_rng(seed)
+    out = rng.integers(1, N + 1, size=(U, num))
+    bad = np.isin(np.arange(U)[:, None] * (N + 1) + out, seen)
+    while bad.any():  # re-draw only the clashes; converges fast unless a user saw almost everything
+        out[bad] = rng.integers(1, N + 1, size=int(bad.sum()))
+        bad = np.isin(np.arange(U)[:, None] * (N + 1) + out, seen)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: SequentialRecommender, feats: Features, stage: str = "test",
+             protocols: Iterable[Protocol] = PROTOCOLS, batch_size: int = 256, device: torch.device | str = "cpu",
+             negatives: np.ndarray | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+    """NDCG/HR/MRR@5/10/20 over *all* users for ``stage`` (valid or test).
+
+    ``full``: every catalogue item is ranked, the history's items masked (the target itself never is);
+    ``sampled100``: the target among 100 fixed-seed items the user never interacted with.
+    """
+    device = torch.device(device)
+    protocols = tuple(protocols)
+    if "sampled100" in protocols and negatives is None:
+        negatives = sampled_negatives(feats, 100, seed)
+    model.eval()
+    U = feats.split.num_users
+    targets_all = feats.index.encode(feats.split.targets(stage))  # type: ignore[arg-type]
+    ranks: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
+    for start in range(0, U, batch_size):
+        rows = np.arange(start, min(start + batch_size, U))
+        hist = torch.from_numpy(feats.histories(rows, stage, model.cfg.max_len)).to(device)
+        prefs, mask = _prefs(feats, rows, model, device)
+        scores = model.full_scores(hist, prefs, mask)  # [B, N + 1]
+        tgt = torch.from_numpy(targets_all[rows]).to(device)
+        t_score = scores.gather(1, tgt[:, None]).squeeze(1)
+        if "sampled100" in protocols:
+            neg = torch.from_numpy(negatives[rows]).to(device)  # type: ignore[index]
+            cand = scores.gather(1, neg)
+            ranks["sampled100"].append(target_ranks(torch.cat([cand, t_score[:, None]], 1).cpu().numpy(),
+                                                    t_score.cpu().numpy()))
+        if "full" in protocols:
+            seen = hist.clone()
+            seen[seen == tgt[:, None]] = 0  # never mask the target (repeat consumption)
+            scores.scatter_(1, seen, float("-inf"))
+            scores[:, 0] = float("-inf")
+            scores[torch.arange(len(rows)), tgt] = t_score
+            ranks["full"].append(target_ranks(scores.cpu().numpy(), t_score.cpu().numpy()))
+    return {p: rank_metrics(np.concatenate(r)) for p, r in ranks.items()}
+
+
+@torch.no_grad()
+def faithfulness(model: SequentialRecommender, feats: Features, stage: str = "test", batch_size: int = 256,
+                 seed: int = 0, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Does the highest-weight preference matter most? Per user with >= 2 preferences: the target's score drop
+    when the top-weight preference is removed (masked) versus when a random other present preference is; the
+    share of users where the top-weight removal hurts more (ties count as not)."""
+    if not model.cfg.align or feats.prefs is None or feats.pref_mask is None:
+        raise ValueError("faithfulness needs a model with preference alignment and preference vectors")
+    device = torch.device(device)
+    model.eval()
+    rng = np.random.default_rng(seed)
+    targets_all = feats.index.encode(feats.split.targets(stage))  # type: ignore[arg-type]
+    drops_top, drops_rand = [], []
+    U = feats.split.num_users
+    for start in range(0, U, batch_size):
+        rows = np.arange(start, min(start + batch_size, U))
+        rows = rows[feats.pref_mask[rows].sum(1) >= 2]
+        if not rows.size:
+            continue
+        hist = torch.from_numpy(feats.histories(rows, stage, model.cfg.max_len)).to(device)
+        prefs = torch.from_numpy(feats.prefs[rows]).to(device)
+        mask = torch.from_numpy(feats.pref_mask[rows]).to(device)
+        cand = torch.from_numpy(targets_all[rows]).to(device)[:, None]
+        table = model.items.table()
+        rep, w = model.user_vectors(hist, prefs, mask, table)
+        base = (table[cand[:, 0]] * rep).sum(-1)
+        w = w.masked_fill(~mask, -1.0)
+        top = w.argmax(1)
+        # a random present preference other than the top one
+        choice = np.array([rng.choice(np.flatnonzero(mk & (np.arange(mk.size) != t)))
+                           for mk, t in zip(feats.pref_mask[rows], top.cpu().numpy(), strict=True)])
+        rand = torch.from_numpy(choice).to(device)
+        ar = torch.arange(len(rows), device=device)
+        drop = {}
+        for name, idx in (("top", top), ("rand", rand)):
+            m2 = mask.clone()
+            m2[ar, idx] = False
+            rep2, _ = model.user_vectors(hist, prefs, m2, table)
+            drop[name] = (base - (table[cand[:, 0]] * rep2).sum(-1)).cpu().numpy()
+        drops_top.append(drop["top"])
+        drops_rand.append(drop["rand"])
+    dt = np.concatenate(drops_top) if drops_top else np.zeros(0)
+    dr = np.concatenate(drops_rand) if drops_rand else np.zeros(0)
+    return {"users": int(dt.size), "top_hurts_more": float((dt > dr).mean()) if dt.size else None,
+            "mean_drop_top": float(dt.mean()) if dt.size else None,
+            "mean_drop_random": float(dr.mean()) if dr.size else None}
+
+
+def epoch_rows(num_users: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Shuffled batches of split rows for one epoch (the seed and epoch fix the order)."""
+    rows = np.random.default_rng([seed, epoch]).permutation(num_users)
+    return [rows[i:i + batch_size] for i in range(0, num_users, batch_size)]
+
+
+def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: torch.device | str = "cpu",
+        on_epoch: Callable[[dict[str, Any], SequentialRecommender], None] | None = None,
+        start_epoch: int = 0, optimizer: torch.optim.Optimizer | None = None,
+        best: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train with early stopping on validation NDCG@10 (full ranking); keeps the best weights in ``model``.
+
+    Returns ``{"curve": [...per-epoch dicts...], "best_epoch", "best_valid", "epochs", "train_seconds"}``."""
+    device = torch.device(device)
+    torch.manual_seed(s.seed)
+    model.to(device)
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    negatives = sampled_negatives(feats, 100, s.seed)
+    best = best or {"ndcg": -1.0, "epoch": -1, "state": None, "valid": None}
+    curve: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    epoch = start_epoch
+    for epoch in range(start_epoch, s.epochs):
+        te = time.perf_counter()
+        loss = train_epoch(model, optimizer, feats, epoch_rows(feats.split.num_users, s.batch_size, s.seed, epoch),
+                           s.loss, device, rng=np.random.default_rng([s.seed, epoch, 1]))
+        rec: dict[str, Any] = {"epoch": epoch, "loss": loss, "epoch_seconds": time.perf_counter() - te}
+        if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
+            v = evaluate(model, feats, "valid", ("full", "sampled100"), s.eval_batch_size, device, negatives)
+            rec["valid"] = v
+            if v["full"]["ndcg@10"] > best["ndcg"]:
+                best = {"ndcg": v["full"]["ndcg@10"], "epoch": epoch, "valid": v,
+                        "state": {k: t.detach().clone() for k, t in model.state_dict().items()}}
+        curve.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec, model)
+        if epoch - best["epoch"] >= s.patience * s.eval_every:
+            break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return {"curve": curve, "best_epoch": best["epoch"], "best_valid": best["valid"], "epochs": epoch + 1,
+            "train_seconds": time.perf_counter() - t0}
