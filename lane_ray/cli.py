@@ -414,13 +414,27 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "train.seed": getattr(args, "seed", None)}
 
 
-def _train_and_evaluate(cfg, quiet: bool) -> dict[str, Any]:
+def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[str, Any]:
     from lane_ray.models import load_checkpoint
-    from lane_ray.pipeline.train import evaluate_model, metrics_key, train_variant, write_metrics
+    from lane_ray.pipeline.train import (
+        evaluate_model,
+        metrics_key,
+        train_variant,
+        training_fingerprint,
+        write_metrics,
+    )
     from lane_ray.progress import Stage
 
     tc, out = cfg.train, Path(cfg.run.out)
     feats = _train_features(cfg, [tc.variant], quiet)
+    key = metrics_key(tc.backbone, tc.variant, tc.seed)
+    fingerprint = training_fingerprint(tc, out)
+    if skip_current and (out / "metrics.json").exists():
+        prev = json.loads((out / "metrics.json").read_text()).get(key, {})
+        if prev.get("fingerprint") == fingerprint and Path(prev.get("checkpoint", "")).joinpath("config.json").exists():
+            with Stage(f"train_{tc.backbone}_{tc.variant}", out, quiet=quiet) as st:
+                st.skipped = True
+            return prev
     with Stage(f"train_{tc.backbone}_{tc.variant}", out, quiet=quiet) as st:
         summary = train_variant(tc, cfg.ray, out, feats, quiet=quiet)
         st.rows = feats.split.num_users
@@ -431,8 +445,13 @@ def _train_and_evaluate(cfg, quiet: bool) -> dict[str, Any]:
         result = evaluate_model(model, feats, tc, tc.variant, tc.seed, faithfulness=model.cfg.align)
     result.update(epochs=summary["epochs"], best_epoch=summary["best_epoch"],
                   train_seconds=round(summary["train_seconds"], 2), seconds_per_epoch=summary["seconds_per_epoch"],
-                  valid=summary["best_valid"], num_workers=tc.num_workers, checkpoint=summary["checkpoint"])
-    write_metrics(out / "metrics.json", metrics_key(tc.backbone, tc.variant, tc.seed), result)
+                  valid=summary["best_valid"], num_workers=tc.num_workers, checkpoint=summary["checkpoint"],
+                  fingerprint=fingerprint)
+    write_metrics(out / "metrics.json", key, result)
+    if model.cfg.align:
+        from lane_ray.pipeline.train import write_candidates
+
+        write_candidates(model, feats, out / "candidates.parquet")
     return result
 
 
@@ -515,6 +534,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     catalog, dest = _embed_paths(str(out), None, cfg.run.out)
     _embed(cfg, catalog, dest, args.quiet, out)
     _preferences(cfg, args.quiet)
+    # the two SASRec variants the pipeline trains: the ID baseline and LANE (skipped when current)
+    for variant in ("id", "lane"):
+        vcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"variant": variant,
+                                                                             "backbone": "sasrec"})})
+        _train_and_evaluate(vcfg, args.quiet, skip_current=not args.force)
     s = summary["stats"]
     if not args.quiet:
         log(f"run complete: {out} ({s['users']} users, {s['items']} items, {s['interactions']} interactions)")

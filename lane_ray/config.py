@@ -269,7 +269,8 @@ class ExplainConfig(_LLMActors):
 
 
 class TrainConfig(_Section):
-    """Recommender training (Ray Train) and evaluation. Defaults were chosen on ml-100k *validation* NDCG@10."""
+    """Recommender training (Ray Train) and evaluation. lr, dropout, batch size and title fine-tuning were chosen on
+    ml-100k *validation* NDCG@10 for SASRec id and lane (benchmarks/tune.py, results in benchmarks/results/)."""
 
     backbone: Literal["sasrec", "gru4rec", "bert4rec", "diffurec"] = Field(
         "sasrec", description="Sequence encoder: sasrec, gru4rec, bert4rec or diffurec.")
@@ -280,20 +281,21 @@ class TrainConfig(_Section):
     layers: int = Field(2, ge=1, description="Transformer blocks (GRU layers for gru4rec).")
     heads: int = Field(1, ge=1, description="Self-attention heads of the backbone.")
     align_heads: int = Field(1, ge=1, description="Attention heads of the preference-alignment layer.")
-    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout of the backbone.")
+    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout of the backbone.")
     align_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout of the alignment layer.")
     max_len: int = Field(50, ge=2, description="Items of history the model reads (longer train prefixes are "
                          "cropped to a random window each epoch).")
-    finetune_titles: bool = Field(False, description="title modes: train the title vectors too (else frozen).")
+    finetune_titles: bool = Field(True, description="title modes: train the title vectors too, initialised from the "
+                                  "titles (else a frozen buffer: only the projection learns).")
     m: int | None = Field(None, ge=1, description="Preferences per user read from preference_embeddings.parquet "
                           "(unset = all slots present).")
     loss: Literal["ce", "bce"] = Field("ce", description="ce: softmax over all items; bce: one sampled negative "
                                        "per position (the paper's loss).")
     epochs: int = Field(200, ge=1, description="Maximum epochs.")
     patience: int = Field(10, ge=1, description="Stop after this many epochs without a better validation NDCG@10.")
-    batch_size: int = Field(128, ge=1, description="Users per training batch (per worker under Ray Train).")
+    batch_size: int = Field(32, ge=1, description="Users per training batch (per worker under Ray Train).")
     eval_batch_size: int = Field(256, ge=1, description="Users per evaluation batch.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(2e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
     seed: int = Field(0, description="Seed of initialisation, batch order, crops and the sampled-100 negatives.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes).")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from lane_ray.config import RayConfig, TrainConfig
+from lane_ray.models.config import BACKBONES
 from lane_ray.progress import log
 from lane_ray.train.features import VARIANTS
 
@@ -87,7 +88,9 @@ def run_ablation(base: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, ba
                         f"sampled100 ndcg@10 {result['sampled100']['ndcg@10']:.4f} ({summary['epochs']} epochs, "
                         f"{time.perf_counter() - t0:.0f} s)")
     doc = json.loads(metrics_path.read_text())
-    write_report(doc, run_dir, backbones, variants)
+    # the report covers every run recorded in this directory, also those of earlier invocations
+    present = {k.split("/")[0] for k in doc if k.count("/") == 2}
+    write_report(doc, run_dir, [b for b in BACKBONES if b in present or b in backbones], VARIANTS)
     return doc
 
 

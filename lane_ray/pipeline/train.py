@@ -254,3 +254,43 @@ def write_metrics(path: Path, key: str, result: dict[str, Any]) -> None:
     if faith is not None:
         doc.setdefault("faithfulness", {})[key] = faith
     write_json(path, doc)
+
+
+COMPUTE_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker", "max_failures",
+                  "eval_batch_size")
+
+
+def training_fingerprint(tc: TrainConfig, run_dir: Path) -> str:
+    """Hash of what a trained variant depends on: the train settings (not the compute layout), the prepared data
+    and the embeddings it reads. A current fingerprint in metrics.json lets ``lane run`` skip the training."""
+    import hashlib
+
+    h = hashlib.sha1(json.dumps(tc.model_dump(exclude=set(COMPUTE_FIELDS)), sort_keys=True).encode())
+    inputs = ["data/prepare.json"]
+    if tc.variant != "id":
+        inputs.append("item_embeddings.parquet/_manifest.json")
+    if tc.variant.startswith("lane"):
+        inputs.append("preference_embeddings.parquet/_manifest.json")
+    for rel in inputs:
+        p = run_dir / rel
+        h.update(rel.encode() + (p.read_bytes() if p.exists() else b"-"))
+    return h.hexdigest()
+
+
+def write_candidates(model, feats, path: Path, k: int = 10) -> int:
+    """The model's top-``k`` recommendations per user (after the full history) as the candidates file of
+    ``lane explain``: user_id, item_id, rank, score, preference_weights."""
+    import pyarrow as pa
+
+    from lane_ray.io import write_parquet
+    from lane_ray.train.loop import recommend
+
+    rec = recommend(model, feats, k)
+    w = rec["preference_weights"]
+    weights = (pa.array(list(w.astype(np.float32)), pa.list_(pa.float32())) if w is not None
+               else pa.nulls(len(rec["rank"]), pa.list_(pa.float32())))
+    table = pa.table({"user_id": pa.array(rec["user_id"], pa.int64()), "item_id": pa.array(rec["item_id"], pa.int64()),
+                      "rank": pa.array(rec["rank"], pa.int64()), "score": pa.array(rec["score"], pa.float64()),
+                      "preference_weights": weights})
+    write_parquet(path, table)
+    return table.num_rows

@@ -73,19 +73,25 @@ def train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer, 
 
 def sampled_negatives(feats: Features, num: int = 100, seed: int = 0) -> np.ndarray:
     """[U, num] dense item indices each user never interacted with (any stage), uniform, fixed seed. Negatives
-    may repeat within a user (as in the SASRec/LANE protocol); a user needs at least one unseen item."""
+    may repeat within a user (as in the SASRec/LANE protocol). A user who has interacted with every item has no
+    negative: its row is 0 (the padding index, scored -inf), so its target ranks first among itself alone; real
+    catalogues do not have such users, tiny test data may."""
     split, N = feats.split, feats.num_items
     U = split.num_users
     user_of = np.repeat(np.arange(U), np.diff(split.offsets))
     seen = np.unique(user_of * (N + 1) + feats.index.encode(split.items))
-    if (np.bincount(seen // (N + 1), minlength=U) >= N).any():
-        raise ValueError("a user has interacted with every item: no negatives to sample")
+    full = np.bincount(seen // (N + 1), minlength=U) >= N  # [U] users without any unseen item
     rng = np.random.default_rng(seed)
     out = rng.integers(1, N + 1, size=(U, num))
-    bad = np.isin(np.arange(U)[:, None] * (N + 1) + out, seen)
+    out[full] = 0
+
+    def clashes() -> np.ndarray:
+        return np.isin(np.arange(U)[:, None] * (N + 1) + out, seen) & ~full[:, None]
+
+    bad = clashes()
     while bad.any():  # re-draw only the clashes; converges fast unless a user saw almost everything
         out[bad] = rng.integers(1, N + 1, size=int(bad.sum()))
-        bad = np.isin(np.arange(U)[:, None] * (N + 1) + out, seen)
+        bad = clashes()
     return out
 
 
@@ -218,3 +224,34 @@ def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: t
         model.load_state_dict(best["state"])
     return {"curve": curve, "best_epoch": best["epoch"], "best_valid": best["valid"], "epochs": epoch + 1,
             "train_seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def recommend(model: SequentialRecommender, feats: Features, k: int = 10, stage: str = "test",
+              batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Top-``k`` items per user after the ``stage`` history (its items masked), with scores and, for aligned
+    models, the alignment weights over the user's preferences. Arrays of ``U * k`` rows: ``user_id``,
+    ``item_id``, ``rank`` (1-based), ``score``, ``preference_weights`` ``[U * k, m]`` (or ``None``)."""
+    device = torch.device(device)
+    model.eval()
+    U = feats.split.num_users
+    items, scores_out, weights_out = [], [], []
+    for start in range(0, U, batch_size):
+        rows = np.arange(start, min(start + batch_size, U))
+        hist = torch.from_numpy(feats.histories(rows, stage, model.cfg.max_len)).to(device)
+        prefs, mask = _prefs(feats, rows, model, device)
+        table = model.items.table()
+        rep, w = model.user_vectors(hist, prefs, mask, table)
+        scores = rep @ table.T
+        scores[:, 0] = float("-inf")
+        scores.scatter_(1, hist, float("-inf"))
+        top = scores.topk(min(k, feats.num_items), dim=1)
+        items.append(top.indices.cpu().numpy())
+        scores_out.append(top.values.cpu().numpy())
+        if w is not None:
+            weights_out.append(np.repeat(w.cpu().numpy()[:, None, :], top.indices.shape[1], 1))
+    idx = np.concatenate(items)
+    kk = idx.shape[1]
+    return {"user_id": np.repeat(feats.split.user_ids, kk), "item_id": feats.index.decode(idx.ravel()),
+            "rank": np.tile(np.arange(1, kk + 1), U), "score": np.concatenate(scores_out).ravel().astype(np.float64),
+            "preference_weights": np.concatenate(weights_out).reshape(U * kk, -1) if weights_out else None}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from lane_ray.data import LeaveOneOutSplit, read_prepared
@@ -45,7 +46,7 @@ def test_installed_entry_point_and_job_module(ray_cluster, tmp_path):
         pytest.skip("the lane console script is not installed next to this interpreter")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}  # the session's cluster, not a second one
     # the LLM stage on a few users only: all 943 take ~20 minutes here (README, Measured)
-    cap = ["--set", "preferences.max_users=4", "--set", "preferences.m=3"]
+    cap = ["--set", "preferences.max_users=4", "--set", "preferences.m=3", "--set", "train.epochs=1"]
     out = subprocess.run([str(exe), "run", "--out", str(tmp_path), *cap], capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr
@@ -54,7 +55,15 @@ def test_installed_entry_point_and_job_module(ray_cluster, tmp_path):
     prefs = json.loads((tmp_path / "preferences.parquet" / "_manifest.json").read_text())
     assert (prefs["users"], prefs["m"]) == (4, 3) and sum(prefs["status"].values()) == 4
     assert json.loads((tmp_path / "preference_embeddings.parquet" / "_manifest.json").read_text())["rows"] == 12
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for variant in ("id", "lane"):  # all 943 users evaluated; users without preferences pass the alignment through
+        assert metrics[f"sasrec/{variant}/seed0"]["epochs"] == 1
+        assert 0 < metrics[f"sasrec/{variant}/seed0"]["sampled100"]["hr@20"] <= 1
+    assert metrics["faithfulness"]["sasrec/lane/seed0"]["users"] == 4  # only users with preferences count
+    assert (tmp_path / "checkpoints" / "lane" / "model.safetensors").exists()
+    assert pq.read_metadata(tmp_path / "candidates.parquet").num_rows == 943 * 10
     job = subprocess.run([sys.executable, "jobs/pipeline.py", "--out", str(tmp_path), *cap], capture_output=True,
                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[2], env=env)
     assert job.returncode == 0 and "skipped (output is current)" in job.stderr
     assert "0 to embed" in job.stderr and "4 cached, 0 to extract" in job.stderr  # every stage is current
+    assert "train_sasrec_lane: skipped" in job.stderr

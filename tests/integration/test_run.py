@@ -14,7 +14,8 @@ def run(capsys, *argv):
 
 
 def test_run_skips_current_stage_and_redoes_on_change(ray_cluster, capsys, ml100k_dir, run_dir):
-    args = ["run", "--dataset", str(ml100k_dir), "--out", str(run_dir)]
+    args = ["run", "--dataset", str(ml100k_dir), "--out", str(run_dir), "--set", "train.epochs=2",
+            "--set", "train.threads_per_worker=1"]
     assert run(capsys, *args)[0] == 0
     rc, out, err = run(capsys, *args)
     assert rc == 0 and "skipped (output is current)" in err and out.strip() == str(run_dir)
@@ -23,4 +24,7 @@ def test_run_skips_current_stage_and_redoes_on_change(ray_cluster, capsys, ml100
     assert json.loads((run_dir / "data" / "prepare.json").read_text())["stats"]["users"] == 2
     assert (run_dir / "item_embeddings.parquet" / "_manifest.json").exists()
     timings = json.loads((run_dir / "timings.json").read_text())
-    assert {"data", "embed_catalog"} <= set(timings)
+    assert {"data", "embed_catalog", "train_sasrec_id", "train_sasrec_lane"} <= set(timings)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["sasrec/id/seed0"]["epochs"] == 2 and metrics["sasrec/lane/seed0"]["epochs"] == 2
+    assert "faithfulness" in metrics

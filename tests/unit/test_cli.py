@@ -48,7 +48,10 @@ def test_synth(capsys, run_dir):
         (["data", "stats", "no-such-set"], "unknown dataset 'no-such-set'"),
         (["data", "stats", "ml-100k", "--set", "data.user_k_core=x"], "config field 'data.user_k_core'"),
         (["data", "synth", "--items", "0", "--out", "x"], "config field 'synth.items'"),
-        (["train"], "not available in this version"),
+        (["serve"], "not available in this version"),
+        (["train", "--set", "train.lr=-1"], "config field 'train.lr'"),
+        (["train", "--set", "train.variant=bogus"], "config field 'train.variant'"),
+        (["evaluate", "--out", "no/such/run"], "no checkpoints; run `lane train"),
         (["data", "prepare", "ml-100k"], "--out DIR is required"),
     ],
 )

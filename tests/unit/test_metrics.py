@@ -200,5 +200,6 @@ def test_sampled_negatives_with_one_unseen_item_and_with_none():
     neg = sampled_negatives(feats, 100, seed=0)
     assert (neg[0] == 6).all()
     assert set(neg[1].tolist()) <= {4, 5, 6}
-    with pytest.raises(ValueError, match="every item"):
-        sampled_negatives(Features(split, ItemIndex(np.arange(1, 6))), 100)  # user 1 saw all five
+    # user 1 saw all five: no negative (padding index 0, scored -inf), the other user still gets real ones
+    neg = sampled_negatives(Features(split, ItemIndex(np.arange(1, 6))), 100)
+    assert (neg[0] == 0).all() and set(neg[1].tolist()) <= {4, 5}
