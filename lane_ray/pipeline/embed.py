@@ -26,6 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,24 @@ def _part_keys(part: Path, spec: TextTable) -> np.ndarray:
     return key64([t[c].to_numpy() for c in spec.key_columns], t["text_sha1"].to_pylist())
 
 
+def _stream_batches(ds: pads.Dataset, columns: list[str], batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """The dataset's rows, one file and one batch at a time, decoded into the system allocator.
+
+    Measured on 1M synthetic titles: the dataset scanner's read-ahead held whole row groups (Arrow pool peak
+    65 MB vs 10 MB at 100k) and the default mimalloc pool kept the freed pages, so the planner's RSS grew
+    ~4x faster than the row count. Reading file by file without read-ahead, into the system pool (which
+    returns freed memory), keeps the planner's own memory at the 16 bytes per row it really needs."""
+    pool, previous = pa.system_memory_pool(), pa.default_memory_pool()
+    pa.set_memory_pool(pool)  # buffers remember their pool, so restoring the default later is safe
+    try:
+        for path in ds.files:
+            pf = pq.ParquetFile(path, pre_buffer=False)
+            yield from pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+            pool.release_unused()
+    finally:
+        pa.set_memory_pool(previous)
+
+
 def plan(input_path: Path, out: Path, spec: TextTable, enc_id: str, max_chars: int) -> Plan:
     counts = {"null_text": 0, "empty_text": 0, "invalid_utf8": 0, "truncated": 0, "duplicate_key": 0,
               "discarded_unfinished_writes": 0, "discarded_corrupt_parts": 0, "discarded_other_encoder_rows": 0}
@@ -117,7 +136,7 @@ def plan(input_path: Path, out: Path, spec: TextTable, enc_id: str, max_chars: i
     ids, keys, valid = [], [], []
     reject_keys: dict[str, list] = {c: [] for c in spec.key_columns}
     reject_reasons: list[str] = []
-    for batch in ds.to_batches(columns=[*spec.key_columns, spec.text_column], batch_size=65_536):
+    for batch in _stream_batches(ds, [*spec.key_columns, spec.text_column]):
         if batch.num_rows == 0:
             continue
         key_cols = [batch.column(c).to_numpy(zero_copy_only=False) for c in spec.key_columns]
@@ -138,6 +157,7 @@ def plan(input_path: Path, out: Path, spec: TextTable, enc_id: str, max_chars: i
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
     all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     all_valid = np.concatenate(valid) if valid else np.zeros(0, bool)
+    ids = keys = valid = []  # noqa: F841 - drop the per-batch arrays before the set operations
     first = np.zeros(all_ids.size, dtype=bool)
     first[np.unique(all_ids, return_index=True)[1]] = True
     dup = ~first
