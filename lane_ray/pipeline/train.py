@@ -266,14 +266,19 @@ def training_fingerprint(tc: TrainConfig, run_dir: Path) -> str:
     import hashlib
 
     h = hashlib.sha1(json.dumps(tc.model_dump(exclude=set(COMPUTE_FIELDS)), sort_keys=True).encode())
-    inputs = ["data/prepare.json"]
+    inputs = ["data/interactions.parquet", "data/catalog.parquet"]
     if tc.variant != "id":
-        inputs.append("item_embeddings.parquet/_manifest.json")
+        inputs.append("item_embeddings.parquet")
     if tc.variant.startswith("lane"):
-        inputs.append("preference_embeddings.parquet/_manifest.json")
+        inputs.append("preference_embeddings.parquet")
     for rel in inputs:
+        # the Parquet files themselves (name, size, mtime): manifests carry run timings and change every run
         p = run_dir / rel
-        h.update(rel.encode() + (p.read_bytes() if p.exists() else b"-"))
+        files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p] if p.exists() else []
+        h.update(rel.encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(run_dir)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
 
