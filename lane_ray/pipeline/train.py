@@ -140,6 +140,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["curve"].append(rec)
                 state["epoch"] = epoch + 1
                 stop[0] = epoch - state["best_epoch"] >= tc.patience
+                log(f"train: epoch {epoch + 1}/{tc.epochs} loss {loss:.4f} valid ndcg@10 full "
+                    f"{v['full']['ndcg@10']:.4f} sampled100 {v['sampled100']['ndcg@10']:.4f} "
+                    f"({rec['epoch_seconds']:.1f} s){' best' if state['best_epoch'] == epoch else ''}"
+                    f"{' - stopping' if stop[0] else ''}")
                 _save_state(Path(tmp), model, optimizer, state, best_state, meta)
                 checkpoint = Checkpoint.from_directory(tmp)
             if world > 1:
