@@ -116,8 +116,8 @@ def write_report(doc: dict[str, Any], run_dir: Path, backbones: Sequence[str], v
     from lane_ray.io import atomic_open
 
     agg = aggregate(doc, backbones, variants)
-    lines = ["# Ablation", "", "Test split, all users; mean ± std over seeds (n = seeds); model selection on "
-             "validation NDCG@10 (full ranking) only.", ""]
+    lines = ["# Ablation", "", "Test split, all users; mean ± std (sample) over seeds, n = seeds (no spread with one "
+             "seed); model selection on validation NDCG@10 (full ranking) only.", ""]
     for proto in ("sampled100", "full"):
         lines += [f"## {proto}", "", "| backbone | variant | n | " + " | ".join(TABLE_METRICS) + " | vs id |",
                   "|---|---|---|" + "---|" * (len(TABLE_METRICS) + 1)]
@@ -126,7 +126,8 @@ def write_report(doc: dict[str, Any], run_dir: Path, backbones: Sequence[str], v
             for v, cell in cells.items():
                 mean = cell[proto]["ndcg@10"][0]
                 rel = f"{mean / base:.3f}x" if base else "-"
-                vals = " | ".join(f"{cell[proto][m][0]:.4f} ± {cell[proto][m][1]:.4f}" for m in TABLE_METRICS)
+                vals = " | ".join(f"{cell[proto][m][0]:.4f}" + (f" ± {cell[proto][m][1]:.4f}" if cell[proto][m][2] > 1
+                                                                 else "") for m in TABLE_METRICS)
                 lines.append(f"| {b} | {v} | {cell[proto]['ndcg@10'][2]} | {vals} | {rel} |")
         lines.append("")
     faith = doc.get("faithfulness", {})
