@@ -13,13 +13,13 @@ also written to ``benchmarks/results/preference_sources.json`` unless ``--no-sav
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from _results import emit
 
 
 def genre_preferences(run: Path, feats, m: int) -> np.ndarray:
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                        if len(runs) > 1 else 0.0]
                    for k in ("valid_full_ndcg@10", "test_full_ndcg@10", "test_sampled100_ndcg@10")}
         out["sources"][name] = {"mean_std": summary, "runs": runs}
-    if not args.no_save:
-        (Path(__file__).parent / "results" / "preference_sources.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
-    return 0
+    return emit(out, "preference_sources", not args.no_save, args.json)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ every user. One JSON line; also written to ``benchmarks/results/train_speed.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from _results import emit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         evaluate_model(model, feats, tc, args.variant, 0)
         out["evaluate_all_users_seconds"] = round(time.perf_counter() - t0, 3)
-    if not args.no_save:
-        (Path(__file__).parent / "results" / "train_speed.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
-    return 0
+    return emit(out, "train_speed", not args.no_save, args.json)
 
 
 if __name__ == "__main__":

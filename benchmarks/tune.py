@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from _results import emit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(points, key=lambda q: q["valid"]["full"]["ndcg@10"])
     out = {"backbone": args.backbone, "variant": args.variant, "fixed": fixed, "points": points,
            "best": best["setting"], "best_valid_ndcg@10": best["valid"]["full"]["ndcg@10"]}
-    if not args.no_save:
-        dest = Path(__file__).parent / "results" / f"tune_{args.backbone}_{args.variant}.json"
-        dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
-    return 0
+    return emit(out, f"tune_{args.backbone}_{args.variant}", not args.no_save, args.json)
 
 
 if __name__ == "__main__":

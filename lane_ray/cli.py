@@ -44,6 +44,13 @@ def _dataset_args(p: argparse.ArgumentParser, positional: bool) -> None:
     p.add_argument("--format", choices=FORMATS, help="format of a dataset given by path (detected when omitted)")
 
 
+def _group(sub: Any, name: str, help: str, dest: str) -> Any:
+    """A command with its own required subcommands (``lane data ...``, ``lane experiment ...``)."""
+    sub_sub = sub.add_parser(name, help=help).add_subparsers(dest=dest, metavar="SUBCOMMAND")
+    sub_sub.required = True
+    return sub_sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lane", description="LANE-Ray: explainable sequential recommendation "
                                      "on Ray.")
@@ -56,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute stages even when their output is current")
     p.set_defaults(func=cmd_run)
 
-    data = sub.add_parser("data", help="dataset commands: stats, prepare, synth")
-    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    dsub.required = True
+    dsub = _group(sub, "data", "dataset commands: stats, prepare, synth", "data_command")
     p = dsub.add_parser("stats", help="statistics of a dataset after preprocessing")
     _common(p)
     _dataset_args(p, positional=True)
@@ -135,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure whether removing the top-weight preference hurts more than a random one")
     p.set_defaults(func=cmd_evaluate)
 
-    exp = sub.add_parser("experiment", help="experiments: ablation")
-    esub = exp.add_subparsers(dest="experiment", metavar="EXPERIMENT")
-    esub.required = True
+    esub = _group(sub, "experiment", "experiments: ablation", "experiment")
     p = esub.add_parser("ablation", help="id / title / lane / lane-shuffled for each backbone over seeds")
     _common(p)
     _dataset_args(p, positional=False)
