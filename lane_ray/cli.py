@@ -421,6 +421,7 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[st
     from lane_ray.models import load_checkpoint
     from lane_ray.pipeline.train import (
         evaluate_model,
+        fit_record,
         metrics_key,
         train_variant,
         training_fingerprint,
@@ -446,10 +447,7 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[st
     model, _ = load_checkpoint(summary["checkpoint"])
     with Stage(f"evaluate_{tc.backbone}_{tc.variant}", out, quiet=quiet):
         result = evaluate_model(model, feats, tc, tc.variant, tc.seed, faithfulness=model.cfg.align)
-    result.update(epochs=summary["epochs"], best_epoch=summary["best_epoch"],
-                  train_seconds=round(summary["train_seconds"], 2), seconds_per_epoch=summary["seconds_per_epoch"],
-                  valid=summary["best_valid"], num_workers=tc.num_workers, checkpoint=summary["checkpoint"],
-                  fingerprint=fingerprint)
+    result.update(fit_record(summary), checkpoint=summary["checkpoint"], fingerprint=fingerprint)
     write_metrics(out / "metrics.json", key, result)
     if model.cfg.align:
         from lane_ray.pipeline.train import write_candidates

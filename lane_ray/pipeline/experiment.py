@@ -22,32 +22,25 @@ from lane_ray.train.features import VARIANTS
 TABLE_METRICS = ("ndcg@10", "hr@10")
 
 
-def train_in_process(tc: TrainConfig, feats, run_dir: Path, threads: int | None = None) -> tuple[Any, dict[str, Any]]:
+def train_in_process(tc: TrainConfig, feats, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Train one variant in this process (the pure loop, no Ray); returns the best model and the fit summary."""
     import torch
 
     from lane_ray.models import save_checkpoint
-    from lane_ray.pipeline.train import build_model, variant_features
+    from lane_ray.pipeline.train import build_model, finish_run, run_name, variant_features
     from lane_ray.train.loop import FitSettings, fit
 
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(tc.seed)
     model = build_model(tc, feats)
     s = FitSettings(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
                     loss=tc.loss, patience=tc.patience, eval_batch_size=tc.eval_batch_size, seed=tc.seed)
     summary = fit(model, variant_features(feats, tc.variant, tc.seed), s)
-    name = f"{tc.backbone}-{tc.variant}-seed{tc.seed}"
+    name = run_name(tc)
     save_checkpoint(model, run_dir / "checkpoints" / name,
                     {"backbone": tc.backbone, "variant": tc.variant, "seed": tc.seed, "loss": tc.loss,
                      "epoch": summary["best_epoch"], "valid": summary["best_valid"]})
-    curve = summary["curve"]
-    summary["seconds_per_epoch"] = float(np.mean([c["epoch_seconds"] for c in curve])) if curve else None
     summary["num_workers"] = 0
-    from lane_ray.io import write_json
-
-    write_json(run_dir / "curves" / f"{name}.json", {"name": name, **summary})
-    return model, summary
+    return model, finish_run(run_dir, name, summary)
 
 
 def run_ablation(base: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, backbones: Sequence[str],
@@ -56,7 +49,7 @@ def run_ablation(base: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, ba
     """Train and evaluate every (backbone, variant, seed); finished keys already in metrics.json are skipped, so an
     interrupted experiment resumes."""
     from lane_ray.models import load_checkpoint
-    from lane_ray.pipeline.train import evaluate_model, metrics_key, train_variant, write_metrics
+    from lane_ray.pipeline.train import evaluate_model, fit_record, metrics_key, train_variant, write_metrics
 
     metrics_path = run_dir / "metrics.json"
     done = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -78,10 +71,7 @@ def run_ablation(base: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, ba
                 else:
                     model, summary = train_in_process(tc, feats, run_dir)
                 result = evaluate_model(model, feats, tc, variant, seed, faithfulness=faithfulness)
-                result.update(epochs=summary["epochs"], best_epoch=summary["best_epoch"],
-                              train_seconds=round(summary["train_seconds"], 2),
-                              seconds_per_epoch=summary["seconds_per_epoch"], valid=summary["best_valid"],
-                              num_workers=summary["num_workers"])
+                result.update(fit_record(summary))
                 write_metrics(metrics_path, key, result)
                 if not quiet:
                     log(f"ablation [{k}/{total}] {key}: test full ndcg@10 {result['full']['ndcg@10']:.4f}, "

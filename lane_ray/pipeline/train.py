@@ -34,22 +34,43 @@ def arch_kwargs(tc: TrainConfig) -> dict[str, Any]:
             "finetune_titles": tc.finetune_titles}
 
 
-def build_model(tc: TrainConfig, feats, variant: str | None = None):
-    """A fresh model for ``variant`` (default ``tc.variant``) sized from the features."""
+def build_model(tc: TrainConfig, feats):
+    """A fresh model for ``tc.variant`` sized from the features."""
     import torch
 
     from lane_ray.models import SequentialRecommender
     from lane_ray.train.loop import model_config
 
-    variant = variant or tc.variant
     dims = {}
     if feats.titles is not None:
         dims["title_dim"] = int(feats.titles.shape[1])
     if feats.prefs is not None:
         dims["pref_dim"] = int(feats.prefs.shape[2])
-    cfg = model_config(variant, feats.num_items, tc.backbone, **arch_kwargs(tc), **dims)
+    cfg = model_config(tc.variant, feats.num_items, tc.backbone, **arch_kwargs(tc), **dims)
     titles = torch.from_numpy(feats.titles) if cfg.item_mode == "title" else None
     return SequentialRecommender(cfg, titles)
+
+
+def run_name(tc: TrainConfig) -> str:
+    """``<backbone>-<variant>-seed<k>``: the name of a training run (Ray Train run, curve file)."""
+    return f"{tc.backbone}-{tc.variant}-seed{tc.seed}"
+
+
+def finish_run(run_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Add ``seconds_per_epoch`` to a fit summary and write it to ``run_dir/curves/<name>.json``."""
+    from lane_ray.io import write_json
+
+    curve = summary["curve"]
+    summary["seconds_per_epoch"] = float(np.mean([c["epoch_seconds"] for c in curve])) if curve else None
+    write_json(run_dir / "curves" / f"{name}.json", {"name": name, **summary})
+    return summary
+
+
+def fit_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """The training facts a metrics.json entry carries next to the test metrics."""
+    return {"epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
+            "train_seconds": round(summary["train_seconds"], 2), "seconds_per_epoch": summary["seconds_per_epoch"],
+            "valid": summary["best_valid"], "num_workers": summary["num_workers"]}
 
 
 def variant_features(feats, variant: str, seed: int):
@@ -60,21 +81,15 @@ def variant_features(feats, variant: str, seed: int):
 def _save_state(directory: Path, model, optimizer, state: dict[str, Any], best_state: dict | None, meta: dict) -> None:
     import torch
 
-    from lane_ray.models import save_checkpoint
+    from lane_ray.models import SequentialRecommender, save_checkpoint
 
     save_checkpoint(model, directory / "model", meta)
     if best_state is not None:
-        best = build_like(model)
+        best = SequentialRecommender(model.cfg)
         best.load_state_dict(best_state)
         save_checkpoint(best, directory / "best", {**meta, "epoch": state["best_epoch"],
                                                     "valid": state["best_valid"]})
     torch.save({"optimizer": optimizer.state_dict(), **state}, directory / "train_state.pt")
-
-
-def build_like(model):
-    from lane_ray.models import SequentialRecommender
-
-    return SequentialRecommender(model.cfg)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -155,16 +170,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
 
-def build_trainer(tc: TrainConfig, features_ref: Any, storage: Path, name: str, resources: dict[str, float],
-                  fail_at_epoch: int | None = None):
+def build_trainer(tc: TrainConfig, features_ref: Any, num_users: int, storage: Path, name: str,
+                  resources: dict[str, float], fail_at_epoch: int | None = None):
     """A ``TorchTrainer`` for one variant. ``features_ref`` is an object ref of :class:`Features` (workers on
-    other nodes get it from the object store); the train rows are sharded through a Ray Data dataset."""
+    other nodes get it from the object store); its ``num_users`` train rows are sharded through a Ray Data
+    dataset."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    num_users = ray.get(features_ref).split.num_users
     threads = tc.threads_per_worker or max(1, int(resources.get("CPU", 1) // tc.num_workers))
     return TorchTrainer(
         train_loop_per_worker,
@@ -194,12 +209,13 @@ def train_variant(tc: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, fai
     if need > resources.get("CPU", 0):
         raise LaneError(f"train: {tc.num_workers} workers x {tc.cpus_per_worker} CPU need {need:g} CPUs; the "
                         f"cluster has {resources.get('CPU', 0):g} (lower train.cpus_per_worker or num_workers)")
-    name = f"{tc.backbone}-{tc.variant}-seed{tc.seed}"
+    name = run_name(tc)
     storage = run_dir / "ray_train"
     if (storage / name).exists():
         shutil.rmtree(storage / name)  # a fresh run; resuming after failures happens inside one fit()
     t0 = time.perf_counter()
-    result = build_trainer(tc, ray.put(feats), storage, name, resources, fail_at_epoch).fit()
+    result = build_trainer(tc, ray.put(feats), feats.split.num_users, storage, name, resources,
+                           fail_at_epoch).fit()
     seconds = time.perf_counter() - t0
     if result.error is not None:
         raise LaneError(f"train: {name} failed: {result.error}")
@@ -216,14 +232,10 @@ def train_variant(tc: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, fai
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
     curve = state["curve"]
-    summary = {"name": name, "checkpoint": str(dest), "epochs": len(curve), "best_epoch": state["best_epoch"],
+    summary = {"checkpoint": str(dest), "epochs": len(curve), "best_epoch": state["best_epoch"],
                "best_valid": state["best_valid"], "train_seconds": seconds, "num_workers": tc.num_workers,
-               "seconds_per_epoch": float(np.mean([c["epoch_seconds"] for c in curve])) if curve else None,
                "curve": curve}
-    from lane_ray.io import write_json
-
-    write_json(run_dir / "curves" / f"{name}.json", summary)
-    return summary
+    return finish_run(run_dir, name, summary)
 
 
 def metrics_key(backbone: str, variant: str, seed: int) -> str:

@@ -189,22 +189,20 @@ def epoch_rows(num_users: int, batch_size: int, seed: int, epoch: int) -> list[n
 
 
 def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: torch.device | str = "cpu",
-        on_epoch: Callable[[dict[str, Any], SequentialRecommender], None] | None = None,
-        start_epoch: int = 0, optimizer: torch.optim.Optimizer | None = None,
-        best: dict[str, Any] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[dict[str, Any], SequentialRecommender], None] | None = None) -> dict[str, Any]:
     """Train with early stopping on validation NDCG@10 (full ranking); keeps the best weights in ``model``.
 
     Returns ``{"curve": [...per-epoch dicts...], "best_epoch", "best_valid", "epochs", "train_seconds"}``."""
     device = torch.device(device)
     torch.manual_seed(s.seed)
     model.to(device)
-    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     negatives = sampled_negatives(feats, 100, s.seed)
-    best = best or {"ndcg": -1.0, "epoch": -1, "state": None, "valid": None}
+    best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "valid": None}
     curve: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    epoch = start_epoch
-    for epoch in range(start_epoch, s.epochs):
+    epoch = 0
+    for epoch in range(s.epochs):
         te = time.perf_counter()
         loss = train_epoch(model, optimizer, feats, epoch_rows(feats.split.num_users, s.batch_size, s.seed, epoch),
                            s.loss, device, rng=np.random.default_rng([s.seed, epoch, 1]))
