@@ -47,6 +47,21 @@ def _prefs(feats: Features, rows: np.ndarray, model: SequentialRecommender, devi
     return (torch.from_numpy(feats.prefs[rows]).to(device), torch.from_numpy(feats.pref_mask[rows]).to(device))
 
 
+def _user_batches(model: SequentialRecommender, feats: Features, stage: str, batch_size: int,
+                  device: torch.device, keep: Callable[[np.ndarray], np.ndarray] | None = None):
+    """Yield ``(rows, history [B, L], prefs, mask)`` over all split rows in order, on ``device``; ``keep`` filters
+    the rows of each batch (a batch left empty is skipped)."""
+    U = feats.split.num_users
+    for start in range(0, U, batch_size):
+        rows = np.arange(start, min(start + batch_size, U))
+        if keep is not None:
+            rows = rows[keep(rows)]
+            if not rows.size:
+                continue
+        hist = torch.from_numpy(feats.histories(rows, stage, model.cfg.max_len)).to(device)
+        yield (rows, hist, *_prefs(feats, rows, model, device))
+
+
 def train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer, feats: Features,
                 row_batches: Iterable[np.ndarray], loss_type: str = "ce", device: torch.device | str = "cpu",
                 module: torch.nn.Module | None = None, rng: np.random.Generator | None = None) -> float:
@@ -109,13 +124,9 @@ def evaluate(model: SequentialRecommender, feats: Features, stage: str = "test",
     if "sampled100" in protocols and negatives is None:
         negatives = sampled_negatives(feats, 100, seed)
     model.eval()
-    U = feats.split.num_users
     targets_all = feats.index.encode(feats.split.targets(stage))  # type: ignore[arg-type]
     ranks: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
-    for start in range(0, U, batch_size):
-        rows = np.arange(start, min(start + batch_size, U))
-        hist = torch.from_numpy(feats.histories(rows, stage, model.cfg.max_len)).to(device)
-        prefs, mask = _prefs(feats, rows, model, device)
+    for rows, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device):
         scores = model.full_scores(hist, prefs, mask)  # [B, N + 1]
         tgt = torch.from_numpy(targets_all[rows]).to(device)
         t_score = scores.gather(1, tgt[:, None]).squeeze(1)
@@ -147,17 +158,11 @@ def faithfulness(model: SequentialRecommender, feats: Features, stage: str = "te
     rng = np.random.default_rng(seed)
     targets_all = feats.index.encode(feats.split.targets(stage))  # type: ignore[arg-type]
     drops_top, drops_rand = [], []
-    U = feats.split.num_users
-    for start in range(0, U, batch_size):
-        rows = np.arange(start, min(start + batch_size, U))
-        rows = rows[feats.pref_mask[rows].sum(1) >= 2]
-        if not rows.size:
-            continue
-        hist = torch.from_numpy(feats.histories(rows, stage, model.cfg.max_len)).to(device)
-        prefs = torch.from_numpy(feats.prefs[rows]).to(device)
-        mask = torch.from_numpy(feats.pref_mask[rows]).to(device)
+    pref_mask = feats.pref_mask
+    table = model.items.table()  # the same for every batch in eval mode
+    for rows, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device,
+                                                 keep=lambda r: pref_mask[r].sum(1) >= 2):
         cand = torch.from_numpy(targets_all[rows]).to(device)[:, None]
-        table = model.items.table()
         rep, w = model.user_vectors(hist, prefs, mask, table)
         base = (table[cand[:, 0]] * rep).sum(-1)
         w = w.masked_fill(~mask, -1.0)
@@ -234,11 +239,8 @@ def recommend(model: SequentialRecommender, feats: Features, k: int = 10, stage:
     model.eval()
     U = feats.split.num_users
     items, scores_out, weights_out = [], [], []
-    for start in range(0, U, batch_size):
-        rows = np.arange(start, min(start + batch_size, U))
-        hist = torch.from_numpy(feats.histories(rows, stage, model.cfg.max_len)).to(device)
-        prefs, mask = _prefs(feats, rows, model, device)
-        table = model.items.table()
+    table = model.items.table()  # the same for every batch in eval mode
+    for _, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device):
         rep, w = model.user_vectors(hist, prefs, mask, table)
         scores = rep @ table.T
         scores[:, 0] = float("-inf")
