@@ -34,12 +34,15 @@ import json, sys, time, os
 os.environ["HF_HUB_OFFLINE"] = "1"
 import pyarrow.parquet as pq
 from lane_ray.text import TextEncoder
-path, threads, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, threads, batch, device, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 titles = pq.read_table(path, columns=["title"])["title"].to_pylist()
-enc = TextEncoder(device="cpu", batch_size=batch, num_threads=threads)
+enc = TextEncoder(model, device=device, batch_size=batch, num_threads=threads)
 enc.encode(titles[:64])  # warm-up
 t0 = time.perf_counter()
 vecs = enc.encode(titles)
+if device.startswith("cuda"):
+    import torch
+    torch.cuda.synchronize()
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "rows": int(vecs.shape[0])}))
 """
@@ -53,9 +56,11 @@ from lane_ray.pipeline.embed import embed_texts
 path, out, tmp = sys.argv[1], sys.argv[2], sys.argv[6]
 threads, batch, cpus = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 nice = None if sys.argv[7] == "default" else int(sys.argv[7])
+device, model, rows_per_batch = sys.argv[8], sys.argv[9], int(sys.argv[10])
 from lane_ray.pipeline.cluster import init_ray
 init_ray(RayConfig(num_cpus=cpus, object_store_memory_mb=512, temp_dir=tmp))  # not timed
-cfg = EmbedConfig(batch_size=batch, threads_per_actor=threads, device="cpu")
+cfg = EmbedConfig(model=model, batch_size=batch, rows_per_batch=rows_per_batch, device=device,
+                  threads_per_actor=threads if device == "cpu" else None)
 if nice is not None:
     cfg = cfg.model_copy(update={"actor_niceness": nice})
 m = embed_texts(path, out, cfg, RayConfig())
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=200_000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: both sides on the GPU (fp16); the Ray stage then runs one actor per GPU")
+    ap.add_argument("--model", default="all-MiniLM-L6-v2", help="packaged encoder name or local directory")
+    ap.add_argument("--rows-per-batch", type=int, default=4096, help="embed.rows_per_batch of the Ray stage")
     ap.add_argument("--skip-direct", action="store_true", help="only the Ray stage (memory runs)")
     ap.add_argument("--actor-niceness", type=int, default=None,
                     help="override embed.actor_niceness (e.g. 10 for a memory run beside other work)")
@@ -111,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
 
         generate(SynthConfig(items=args.items, users=1), tmp)
         titles = str(Path(tmp) / "data" / "catalog.parquet")
-        result: dict = {"items": args.items, "batch_size": args.batch_size, "threads": args.threads}
-        direct_cmd = [sys.executable, "-c", DIRECT, titles, str(args.threads), str(args.batch_size)]
+        result: dict = {"items": args.items, "batch_size": args.batch_size, "threads": args.threads,
+                        "device": args.device, "rows_per_batch": args.rows_per_batch}
+        if args.device == "cuda":
+            import torch
+
+            result["gpu"] = torch.cuda.get_device_name(0)
+        direct_cmd = [sys.executable, "-c", DIRECT, titles, str(args.threads), str(args.batch_size), args.device,
+                      args.model]
         direct_runs = []
         if not args.skip_direct:
             d, dpeak = _run_sampled(direct_cmd, env)
@@ -120,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             result["direct_peak_rss_mb"] = dpeak["driver"]
         r, rpeak = _run_sampled([sys.executable, "-c", RAY, titles, str(Path(tmp) / "emb.parquet"), str(args.threads),
                                  str(args.batch_size), str(os.cpu_count() or 1), str(Path(tmp) / "ray"),
-                                 "default" if args.actor_niceness is None else str(args.actor_niceness)], env)
+                                 "default" if args.actor_niceness is None else str(args.actor_niceness),
+                                 args.device, args.model, str(args.rows_per_batch)], env)
         result["ray_titles_per_s"] = round(r["rows"] / r["seconds"], 1)
         result["ray_seconds"] = round(r["seconds"], 2)
         result["ray_stage_seconds"] = round(r["stage_seconds"], 2)

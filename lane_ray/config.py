@@ -193,6 +193,9 @@ class LLMConfig(_Section):
     replicas: int = Field(1, ge=1, description="vllm: engine replicas (Ray actors).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: fraction of GPU memory to use.")
     max_model_len: int = Field(4096, ge=256, description="vllm: context length.")
+    enforce_eager: bool = Field(
+        False, description="vllm: skip CUDA-graph capture and compilation (engine starts faster, decodes slower)."
+    )
     base_url: str | None = Field(None, description="openai: server base URL, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     timeout_s: float = Field(120.0, gt=0, description="openai: request timeout in seconds.")

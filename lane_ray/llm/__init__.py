@@ -48,7 +48,8 @@ def backend_kwargs(llm: LLMConfig) -> dict[str, Any]:
                 "max_prompt_tokens": llm.max_prompt_tokens}
     if llm.backend == "vllm":
         return {"model": llm.model, "tensor_parallel_size": llm.tensor_parallel_size, "replicas": llm.replicas,
-                "gpu_memory_utilization": llm.gpu_memory_utilization, "max_model_len": llm.max_model_len}
+                "gpu_memory_utilization": llm.gpu_memory_utilization, "max_model_len": llm.max_model_len,
+                "enforce_eager": llm.enforce_eager}
     return {"model": llm.model, "base_url": llm.base_url, "api_key_env": llm.api_key_env,
             "timeout_s": llm.timeout_s, "max_concurrency": llm.max_concurrency,
             "constraint_mode": llm.constraint_mode, "max_retries": llm.request_retries}

@@ -244,3 +244,12 @@ def test_module_import_loads_no_heavy_library():
             "print([m for m in ('vllm', 'torch', 'transformers', 'ray') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_config_reaches_the_vllm_constructor():
+    from lane_ray.config import load_config
+    from lane_ray.llm import backend_kwargs
+
+    cfg = load_config(None, ["llm.backend=vllm", "llm.enforce_eager=true", "llm.replicas=2"], {})
+    kw = backend_kwargs(cfg.llm)
+    assert kw["enforce_eager"] is True and kw["replicas"] == 2 and kw["model"] == cfg.llm.model
