@@ -356,9 +356,8 @@ def cmd_preferences(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from lane_ray.llm.explain import ExplainSettings
     from lane_ray.pipeline.cluster import init_ray
-    from lane_ray.pipeline.explain import load_requests, run_explanations
+    from lane_ray.pipeline.explain import load_requests, run_explanations, settings_from_config
     from lane_ray.progress import Stage
 
     # flags beat --set beats --config beats defaults; pydantic validates them all (one-line ConfigError)
@@ -371,10 +370,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "explain.cpus_per_actor": args.cpus_per_actor, "explain.gpus_per_actor": args.gpus_per_actor})
     out = Path(cfg.run.out)
     ec = cfg.explain
-    settings = ExplainSettings(budget_tokens=ec.budget_tokens, with_attributes=cfg.preferences.with_attributes,
-                               item_noun=cfg.preferences.item_noun, max_why_tokens=ec.max_why_tokens,
-                               max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries,
-                               temperature=ec.temperature, seed=ec.seed)
+    settings = settings_from_config(cfg)
     with Stage("explain", out, quiet=args.quiet) as st:
         requests = load_requests(out, Path(args.candidates), ec.top_k, ec.max_users)
         from lane_ray.llm import backend_kwargs, model_identity

@@ -310,6 +310,43 @@ class TrainConfig(_Section):
                               "last checkpoint).")
 
 
+class ServeConfig(_Section):
+    """The online API (Ray Serve): ranking, on-demand preferences and explanations."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 exposes it to the network).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    variant: str = Field("lane", description="Checkpoint served: RUN_DIR/checkpoints/<variant>.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key clients must send in the X-API-Key header "
+        "(unset = no key required)."
+    )
+    max_body_bytes: int = Field(65_536, ge=256, description="Larger request bodies are refused with 413.")
+    max_history: int = Field(200, ge=1, description="Longest `history` a request may send.")
+    max_k: int = Field(100, ge=1, description="Largest `k` a request may ask for.")
+    max_explain: int = Field(3, ge=1, description="Most items one /v1/recommend request may have explained.")
+    title_min_similarity: float = Field(
+        0.6, ge=-1, le=1, description="A history title with no exact catalogue match is matched to its nearest "
+        "title by embedding when their cosine similarity is at least this; below it the request is refused."
+    )
+    explain_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds an explanation may take before the template explanation is returned."
+    )
+    preference_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds LLM preference extraction for a raw history may take before the request "
+        "is ranked without preferences."
+    )
+    preference_cache_size: int = Field(10_000, ge=0, description="Histories whose preferences are kept in memory.")
+    ranker_replicas: int = Field(1, ge=1, description="Ranker replicas (each holds the model and the item table).")
+    ranker_max_batch_size: int = Field(32, ge=1, description="Requests the Ranker scores in one forward pass.")
+    ranker_batch_wait_s: float = Field(
+        0.002, ge=0, description="Seconds the Ranker waits to fill a batch (latency traded for throughput)."
+    )
+    ranker_threads: int | None = Field(None, ge=1, description="Torch threads per Ranker replica (unset = 1).")
+    explainer_replicas: int = Field(1, ge=1, description="Explainer replicas (each loads the LLM backend).")
+    explainer_num_gpus: float = Field(0.0, ge=0, description="GPUs per Explainer replica (transformers on GPU).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica of any deployment holds at once.")
+
+
 class RunConfig(_Section):
     """Where a run writes and how it is seeded."""
 
@@ -329,6 +366,7 @@ class LaneConfig(_Section):
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig, description="Preference extraction.")
     explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations and their checks.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Recommender training and evaluation.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The online API (Ray Serve).")
 
 
 def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -209,6 +209,16 @@ def build_requests(cands: list[dict[str, Any]], preferences: pa.Table, interacti
     return out
 
 
+def settings_from_config(cfg: Any) -> ExplainSettings:
+    """:class:`ExplainSettings` from a :class:`~lane_ray.config.LaneConfig` (its ``explain`` and ``preferences``
+    sections)."""
+    ec = cfg.explain
+    return ExplainSettings(budget_tokens=ec.budget_tokens, with_attributes=cfg.preferences.with_attributes,
+                           item_noun=cfg.preferences.item_noun, max_why_tokens=ec.max_why_tokens,
+                           max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries,
+                           temperature=ec.temperature, seed=ec.seed)
+
+
 def request_key(req: ExplainRequest, model_id: str, settings: ExplainSettings) -> str:
     """SHA-1 of everything an explanation depends on (weights as stored, float32)."""
     payload = [req.user_id, req.item_id, req.rank, repr(float(req.score)), req.preferences,
