@@ -20,7 +20,6 @@ FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 
 # Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
 PENDING = {
-    "serve": "the Ray Serve application",
     "submit": "submitting a job to a Ray cluster",
     "report": "the run report",
 }
@@ -154,10 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness measurement")
     p.set_defaults(func=cmd_experiment_ablation)
 
+    p = sub.add_parser("serve", help="start the Ray Serve app (ranking + explanations) on a run directory")
+    _common(p)
+    p.add_argument("--run", metavar="DIR", default="runs/default",
+                   help="run directory with data, embeddings, preferences and checkpoints (default runs/default)")
+    p.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
+    p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    p.add_argument("--checkpoint", help="checkpoint to serve: a name under RUN/checkpoints or a path "
+                   "(serve.checkpoint, default sasrec-lane-seed0)")
+    p.set_defaults(func=cmd_serve)
+
     for name, what in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not available in this version)")
         _common(p)
-        if name not in ("serve", "submit", "report"):
+        if name not in ("submit", "report"):
             _dataset_args(p, positional=False)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=_pending(name, what))
@@ -450,6 +459,42 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[st
 
         write_candidates(model, feats, out / "candidates.parquet")
     return result
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from lane_ray.errors import DataError
+    from lane_ray.pipeline.cluster import init_ray
+    from lane_ray.progress import log
+
+    flags = {"serve.port": args.port, "serve.host": args.host, "serve.checkpoint": args.checkpoint}
+    cfg = _config(args, **flags)  # validates everything before Ray starts
+    run = Path(args.run)
+    if not (run / "checkpoints").is_dir():
+        raise DataError("no checkpoints in this run directory (run `lane run` or `lane train` first)", file=run)
+    init_ray(cfg.ray)
+    from ray import serve
+
+    from serve.app import build_app, wait_healthy
+
+    s = cfg.serve
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    app = build_app({"run_dir": str(run), "config": args.config, "set": overrides})
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(app, name="lane", route_prefix="/", blocking=False)
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    url = f"http://{host}:{s.port}/"
+    wait_healthy(url)
+    log(f"serve: ready ({url}docs for the API); Ctrl-C stops it")
+    print(url, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -315,7 +315,10 @@ class ServeConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 exposes it to the network).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    variant: str = Field("lane", description="Checkpoint served: RUN_DIR/checkpoints/<variant>.")
+    checkpoint: str = Field(
+        "sasrec-lane-seed0", description="Checkpoint served: a directory under RUN_DIR/checkpoints (what `lane run` "
+        "and `lane train` name <backbone>-<variant>-seed<k>) or a path to one."
+    )
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key clients must send in the X-API-Key header "
         "(unset = no key required)."
@@ -342,6 +345,8 @@ class ServeConfig(_Section):
         0.002, ge=0, description="Seconds the Ranker waits to fill a batch (latency traded for throughput)."
     )
     ranker_threads: int | None = Field(None, ge=1, description="Torch threads per Ranker replica (unset = 1).")
+    ranker_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per Ranker replica.")
+    explainer_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per Explainer replica.")
     explainer_replicas: int = Field(1, ge=1, description="Explainer replicas (each loads the LLM backend).")
     explainer_num_gpus: float = Field(0.0, ge=0, description="GPUs per Explainer replica (transformers on GPU).")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica of any deployment holds at once.")

@@ -267,11 +267,16 @@ def template_explanation(req: ExplainRequest, s: ExplainSettings, raw: str = "",
     lik = "high" if req.rank <= s.template_high_rank else "medium" if req.rank <= s.template_medium_rank else "low"
     title = clean_text(req.target.title)
     top = order[:2]
-    cited = " and ".join(f"{prefs[k]} (weight {weights[k]:.2f})" for k in top)
-    reason = f"Recommended because the recommender relies most on your taste for {cited}."
+    if prefs:
+        cited = " and ".join(f"{prefs[k]} (weight {weights[k]:.2f})" for k in top)
+        reason = f"Recommended because the recommender relies most on your taste for {cited}."
+        why = ("Why: the recommender weighs this person's preferences as "
+               + "; ".join(f"{prefs[k]}: {weights[k]:.2f}" for k in order) + ".")
+    else:
+        reason = "Recommended from the order of your history alone: no stated preferences were available."
+        why = "Why: no preferences are known for this person; the recommender used their history only."
     steps = [
-        "Why: the recommender weighs this person's preferences as "
-        + "; ".join(f"{prefs[k]}: {weights[k]:.2f}" for k in order) + ".",
+        why,
         "Fit: not assessed (template explanation).",
         f"Likelihood: {lik} (from recommender rank #{req.rank}, score {req.score:.3f}).",
         f"Reason: {reason}",

@@ -1,0 +1,394 @@
+"""The LANE Ray Serve application: Ingress (FastAPI) → Ranker, PreferenceExtractor, Explainer.
+
+    serve run serve.app:build_app run_dir=runs/default          # or: lane serve --run runs/default
+    serve deploy serve/config.yaml
+
+``build_app(args)`` takes ``run_dir`` (required), ``config`` (a LANE YAML file) and ``set`` (``section.field=value``
+overrides, a list or one string separated by spaces); the ``serve`` section of that configuration sizes the
+deployments and sets the API's limits, the ``llm`` section the backend of both LLM deployments.
+"""
+
+# No `from __future__ import annotations` here: the Ingress class is shipped to its replica by value, where
+# FastAPI must resolve the route annotations, and string annotations would not resolve there.
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.core import ExplainerCore, PreferenceCore, RankerCore, RankQuery, RequestError, explain_request, template_row
+from serve.schemas import (
+    ErrorBody,
+    ExplainBody,
+    ExplainResponse,
+    Health,
+    ItemOut,
+    RecommendRequest,
+    RecommendResponse,
+)
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+def _config(cfg_json: str) -> Any:
+    from lane_ray.config import LaneConfig
+
+    return LaneConfig.model_validate_json(cfg_json)
+
+
+@serve.deployment(name="Ranker")
+class Ranker:
+    """Loads the checkpoint and the item table once; scores batches of users against the whole catalogue."""
+
+    def __init__(self, run_dir: str, cfg_json: str) -> None:
+        cfg = _config(cfg_json)
+        s = cfg.serve
+        self.core = RankerCore(run_dir, s.checkpoint, cfg.embed.model, s.ranker_threads or 1, s.title_min_similarity)
+        self.rank.set_max_batch_size(s.ranker_max_batch_size)
+        self.rank.set_batch_wait_timeout_s(s.ranker_batch_wait_s)
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.core.name, "items": len(self.core.index), "users": self.core.num_users,
+                "aligned": self.core.aligned}
+
+    def user(self, user_id: int) -> dict[str, Any]:
+        try:
+            u = self.core.user(user_id)
+        except RequestError as e:
+            return {"error": e.to_dict()}
+        return {"history": u.history, "preferences": u.preferences, "prefs": u.prefs}
+
+    def resolve(self, history: list[int | str]) -> dict[str, Any]:
+        try:
+            dense, matches = self.core.resolve(history)
+        except RequestError as e:
+            return {"error": e.to_dict()}
+        return {"history": dense, "matches": matches, "items": self.core.history_items(dense)}
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        try:
+            return self.core.item(item_id)
+        except RequestError as e:
+            return {"error": e.to_dict()}
+
+    def dense(self, item_id: int) -> int | None:
+        return self.core.catalogue.dense(item_id)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def rank(self, queries: list[RankQuery]) -> list[dict[str, Any]]:
+        results = self.core.score(queries)
+        for res in results:
+            res["meta"] = [self.core.catalogue.meta(d) for d in res["items"]]
+        return results
+
+    def history_items(self, dense: list[int]) -> list[dict[str, Any]]:
+        return self.core.history_items(dense)
+
+
+@serve.deployment(name="PreferenceExtractor")
+class PreferenceExtractor:
+    """LLM preferences for users given only a history, on demand, cached by history."""
+
+    def __init__(self, run_dir: str, cfg_json: str) -> None:
+        from lane_ray.data import read_prepared
+
+        self.core = PreferenceCore(_config(cfg_json), read_prepared(run_dir).catalog)
+
+    async def extract(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.core.extract, items)
+
+
+@serve.deployment(name="Explainer")
+class Explainer:
+    """The 4-step chain-of-thought explanation through the configured LLM backend."""
+
+    def __init__(self, cfg_json: str) -> None:
+        self.core = ExplainerCore(_config(cfg_json))
+
+    async def label(self) -> str:
+        return self.core.label
+
+    async def explain(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.core.explain, requests)
+
+
+def _error(status: int, field: str | None, message: str) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=message, field=field).model_dump(), status_code=status)
+
+
+def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif isinstance(p, str) and not (p.startswith("function-") or p in {"int", "str", "constrained-str"}):
+            out += ("." if out else "") + p
+    return out or "body"
+
+
+def make_api(max_body_bytes: int, api_key: str | None) -> FastAPI:
+    """The FastAPI app with its error handlers and middleware (routes are added by :class:`Ingress`)."""
+    api = FastAPI(title="LANE-Ray", version="1",
+                  description="Explainable sequential recommendation: rank a user's next items and explain them "
+                  "with the preferences the model's alignment layer weighed.")
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
+        field = _loc(first.get("loc", ()))
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            field, msg = "body", "body is not valid JSON"
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        return _error(422, field, f"{field}: {msg}{more}")
+
+    @api.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            if request.headers.get("x-api-key") != api_key:
+                return _error(401, "X-API-Key", "missing or wrong API key in the X-API-Key header")
+        if request.method in {"POST", "PUT", "PATCH"}:
+            declared = request.headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
+                return _error(413, "body", f"body larger than {max_body_bytes} bytes")
+            body = await request.body()  # cached by Starlette for the route
+            if len(body) > max_body_bytes:
+                return _error(413, "body", f"body larger than {max_body_bytes} bytes")
+        return await call_next(request)
+
+    return api
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: first line`` of the error a replica raised (Ray wraps it in a RayTaskError)."""
+    inner = getattr(exc, "cause", None) or exc
+    lines = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {lines[-1][:200] if lines else ''}".rstrip(": ")
+
+
+def _raise_if_error(res: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(res, dict) and "error" in res and isinstance(res["error"], dict):
+        e = res["error"]
+        raise RequestError(e["status"], e["field"], e["error"])
+    return res
+
+
+def build_ingress(api: FastAPI) -> type:
+    """The Ingress deployment class over ``api`` (FastAPI needs the app when the class is decorated)."""
+
+    @serve.deployment(name="Ingress")
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, ranker: DeploymentHandle, extractor: DeploymentHandle, explainer: DeploymentHandle,
+                     cfg_json: str) -> None:
+            from lane_ray.pipeline.explain import settings_from_config
+
+            self.ranker, self.extractor, self.explainer = ranker, extractor, explainer
+            self.cfg = _config(cfg_json)
+            self.s = self.cfg.serve
+            self.explain_settings = settings_from_config(self.cfg)
+            self._info: dict[str, Any] | None = None
+
+        async def _ranker_info(self) -> dict[str, Any]:
+            if self._info is None:
+                self._info = await self.ranker.info.remote()
+            return self._info
+
+        def _check_limits(self, body: RecommendRequest | ExplainBody) -> None:
+            if body.history is not None and len(body.history) > self.s.max_history:
+                raise RequestError(422, "history", f"history: at most {self.s.max_history} entries, got "
+                                   f"{len(body.history)}")
+            if isinstance(body, RecommendRequest):
+                if body.k > self.s.max_k:
+                    raise RequestError(422, "k", f"k: at most {self.s.max_k}, got {body.k}")
+                if body.explain and body.explain_top > min(self.s.max_explain, body.k):
+                    raise RequestError(422, "explain_top", f"explain_top: at most {min(self.s.max_explain, body.k)}"
+                                       f" (serve.max_explain and k), got {body.explain_top}")
+
+        async def _who(self, body: RecommendRequest | ExplainBody) -> dict[str, Any]:
+            """History (dense), its catalogue items, preferences and their vectors for a user or a raw history."""
+            info = await self._ranker_info()
+            if body.user_id is not None:
+                u = _raise_if_error(await self.ranker.user.remote(body.user_id))
+                items = await self.ranker.history_items.remote(u["history"])
+                return {"user_id": body.user_id, "history": u["history"], "items": items, "matches": None,
+                        "preferences": u["preferences"], "prefs": u["prefs"],
+                        "source": "stored" if u["preferences"] else "none", "status": None,
+                        "note": None if u["preferences"] or not info["aligned"] else "no stored preferences"}
+            r = _raise_if_error(await self.ranker.resolve.remote(list(body.history or [])))
+            who = {"user_id": None, "history": r["history"], "items": r["items"], "matches": r["matches"],
+                   "preferences": [], "prefs": None, "source": "none", "status": None, "note": None}
+            if not info["aligned"]:
+                who["note"] = "the served model does not use preferences"
+                return who
+            try:
+                p = await asyncio.wait_for(self.extractor.extract.remote(r["items"]), self.s.preference_timeout_s)
+                who.update(preferences=p["preferences"], prefs=p["vectors"], source="llm", status=p["status"])
+            except TimeoutError:
+                who["note"] = f"preference extraction timed out after {self.s.preference_timeout_s:g} s"
+            except Exception as exc:  # noqa: BLE001 - any LLM failure degrades to ranking without preferences
+                who["note"] = f"preference extraction failed: {_cause(exc)}"
+            return who
+
+        async def _explain(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            from lane_ray.llm.explain import compute_checks
+
+            reason = None
+            try:
+                rows = await asyncio.wait_for(self.explainer.explain.remote(reqs), self.s.explain_timeout_s)
+            except TimeoutError:
+                rows, reason = None, f"the LLM did not answer within {self.s.explain_timeout_s:g} s"
+            except Exception as exc:  # noqa: BLE001 - an LLM failure must degrade, never 5xx
+                rows, reason = None, f"the LLM failed: {_cause(exc)}"
+            if rows is None:
+                rows = [template_row(r, self.explain_settings) for r in reqs]
+            checks = compute_checks(rows, self.cfg.explain.not_copied_threshold)
+            out = []
+            for row, chk in zip(rows, checks, strict=True):
+                degraded = reason if row["source"] == "template" else None
+                if row["source"] == "template" and degraded is None:
+                    degraded = "the LLM's replies did not parse" if row.get("raw") else "no preferences to explain"
+                out.append({"item_id": row["item_id"], "rank": row["rank"], "title": row["title"],
+                            "steps": row["steps"], "likelihood": row["likelihood"], "reason": row["reason"],
+                            "fit": row["fit"], "source": row["source"], "degraded_reason": degraded,
+                            "checks": chk})
+            return out
+
+        @api.post("/v1/recommend", response_model=RecommendResponse,
+                  responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
+                             422: {"model": ErrorBody}})
+        async def recommend(self, body: RecommendRequest) -> Any:
+            try:
+                self._check_limits(body)
+                who = await self._who(body)
+                res = await self.ranker.rank.remote(RankQuery(who["history"], body.k, who["prefs"]))
+                items = [{"rank": n + 1, "item_id": m["item_id"], "title": m["title"], "score": s}
+                         for n, (m, s) in enumerate(zip(res["meta"], res["scores"], strict=True))]
+                explanations = []
+                if body.explain and items:
+                    reqs = [explain_request(who["user_id"], res["meta"][n], n + 1, res["scores"][n], who["items"],
+                                            who["preferences"], res["weights"])
+                            for n in range(min(body.explain_top, len(items)))]
+                    explanations = await self._explain(reqs)
+            except RequestError as e:
+                return _error(e.status, e.field, e.message)
+            info = await self._ranker_info()
+            return {"user_id": who["user_id"], "model": info["model"], "history": who["matches"],
+                    "preferences": who["preferences"], "preference_source": who["source"],
+                    "preference_status": who["status"], "preference_note": who["note"],
+                    "preference_weights": res["weights"], "items": items, "explanations": explanations}
+
+        @api.post("/v1/explain", response_model=ExplainResponse,
+                  responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
+                             422: {"model": ErrorBody}})
+        async def explain(self, body: ExplainBody) -> Any:
+            try:
+                self._check_limits(body)
+                target = await self.ranker.dense.remote(body.item_id)
+                if target is None:
+                    raise RequestError(404, "item_id", f"item id {body.item_id} is not in the catalogue")
+                who = await self._who(body)
+                res = await self.ranker.rank.remote(RankQuery(who["history"], 1, who["prefs"], target))
+                meta = _raise_if_error(await self.ranker.item.remote(body.item_id))
+                t = res["target"]
+                req = explain_request(who["user_id"], meta, t["rank"], t["score"], who["items"], who["preferences"],
+                                      res["weights"])
+                explanation = (await self._explain([req]))[0]
+            except RequestError as e:
+                return _error(e.status, e.field, e.message)
+            return {"user_id": who["user_id"], "history": who["matches"],
+                    "item": {"rank": t["rank"], "item_id": body.item_id, "title": meta["title"], "score": t["score"]},
+                    "preferences": who["preferences"], "preference_weights": res["weights"],
+                    "explanation": explanation}
+
+        @api.get("/v1/items/{item_id}", response_model=ItemOut,
+                 responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+        async def item(self, item_id: int) -> Any:
+            try:
+                return _raise_if_error(await self.ranker.item.remote(item_id))
+            except RequestError as e:
+                return _error(e.status, e.field, e.message)
+
+        @api.get("/healthz", response_model=Health)
+        async def healthz(self) -> Any:
+            info = await self._ranker_info()
+            label = await self.explainer.label.remote()
+            return {"status": "ok", "model": info["model"], "items": info["items"], "users": info["users"],
+                    "llm": label}
+
+        @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def page(self) -> Any:
+            return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    return Ingress
+
+
+def _overrides(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, dict):
+        return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in value.items()]
+    return [str(v) for v in value]
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application for ``serve run`` / ``serve deploy`` / :func:`lane_ray.cli` (``lane serve``)."""
+    from lane_ray.config import load_config
+    from lane_ray.errors import ConfigError, DataError
+
+    args = dict(args or {})
+    unknown = set(args) - {"run_dir", "config", "set"}
+    if unknown:
+        raise ConfigError(f"build_app: unknown argument(s) {', '.join(sorted(unknown))} (run_dir, config, set)")
+    if not args.get("run_dir"):
+        raise ConfigError("build_app: the argument run_dir is required")
+    run_dir = Path(str(args["run_dir"])).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise DataError("run directory not found", file=run_dir)
+    cfg = load_config(args.get("config"), _overrides(args.get("set")))
+    s = cfg.serve
+    api_key = None
+    if s.api_key_env:
+        api_key = os.environ.get(s.api_key_env)
+        if not api_key:
+            raise ConfigError(f"serve.api_key_env names {s.api_key_env}, which is not set in the environment")
+    cfg_json = cfg.model_dump_json()
+    common = {"max_ongoing_requests": s.max_ongoing_requests}
+    ranker = Ranker.options(num_replicas=s.ranker_replicas, ray_actor_options={"num_cpus": s.ranker_num_cpus},
+                            **common).bind(str(run_dir), cfg_json)
+    extractor = PreferenceExtractor.options(ray_actor_options={"num_cpus": 0.25},
+                                            **common).bind(str(run_dir), cfg_json)
+    gpus = {"num_gpus": s.explainer_num_gpus} if s.explainer_num_gpus else {}
+    explainer = Explainer.options(num_replicas=s.explainer_replicas,
+                                  ray_actor_options={"num_cpus": s.explainer_num_cpus, **gpus},
+                                  **common).bind(cfg_json)
+    ingress = build_ingress(make_api(s.max_body_bytes, api_key))
+    return ingress.options(ray_actor_options={"num_cpus": 0.25}, **common).bind(ranker, extractor, explainer,
+                                                                                cfg_json)
+
+
+def wait_healthy(url: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Poll ``url``/healthz until it answers 200; returns its body."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=10) as r:
+                return json.loads(r.read())
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            last = exc
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:g} s: {last}")

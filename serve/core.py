@@ -1,0 +1,396 @@
+"""What the deployments do, without Ray: resolve users and histories, score them against the whole catalogue,
+extract preferences for raw histories, explain one ranked item. The deployments in :mod:`serve.app` hold one
+of these each; tests use them directly.
+
+Everything a request can get wrong raises :class:`RequestError` (HTTP status, field, one-line message), which the
+Ingress turns into a 4xx body naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lane_ray.errors import DataError
+
+_SPACES = re.compile(r"\s+")
+
+
+class RequestError(Exception):
+    """A request the API refuses: ``status`` (4xx), the offending ``field`` and a one-line ``message``."""
+
+    def __init__(self, status: int, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "field": self.field, "error": self.message}
+
+
+def normalise_title(title: str) -> str:
+    return _SPACES.sub(" ", title).strip().casefold()
+
+
+@dataclass
+class RankQuery:
+    """One user to score: dense history indices (oldest first), optional preference vectors ``[m, D]``, how many
+    items to return and, optionally, a target item whose rank and score are wanted."""
+
+    history: list[int]
+    k: int
+    prefs: np.ndarray | None = None
+    target: int | None = None  # dense index
+
+
+@dataclass
+class KnownUser:
+    row: int
+    history: list[int]  # dense indices, whole sequence (train, valid and test items: serving predicts the next)
+    preferences: list[str]
+    prefs: np.ndarray | None  # [m, D] stored preference vectors (present slots only)
+
+
+@dataclass
+class Catalogue:
+    """Item ids, titles and attributes in dense-index order (index k = ``item_ids[k - 1]``)."""
+
+    item_ids: np.ndarray
+    titles: list[str]
+    genres: list[str | None]
+    years: list[str | None]
+    by_title: dict[str, int] = field(default_factory=dict)  # normalised title -> dense index (first one)
+
+    def dense(self, item_id: int) -> int | None:
+        pos = int(np.searchsorted(self.item_ids, item_id))
+        return pos + 1 if pos < self.item_ids.size and int(self.item_ids[pos]) == item_id else None
+
+    def meta(self, dense: int) -> dict[str, Any]:
+        k = dense - 1
+        return {"item_id": int(self.item_ids[k]), "title": self.titles[k], "genres": self.genres[k],
+                "year": self.years[k]}
+
+
+def load_catalogue(catalog: Any, item_ids: np.ndarray) -> Catalogue:
+    """A :class:`Catalogue` over ``item_ids`` (the model's item index) from the run's ``catalog`` table; items
+    with no catalogue row (seen only in interactions) get an empty title."""
+    cols = catalog.column_names
+    ids = catalog["item_id"].to_numpy()
+    titles = catalog["title"].to_pylist()
+    genres = catalog["genres"].to_pylist() if "genres" in cols else [None] * len(titles)
+    years = catalog["year"].to_pylist() if "year" in cols else [None] * len(titles)
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    out = Catalogue(item_ids, [], [], [])
+    for k, item in enumerate(item_ids):
+        r = row_of.get(int(item))
+        out.titles.append((titles[r] or "") if r is not None else "")
+        out.genres.append(genres[r] if r is not None else None)
+        out.years.append(str(years[r]) if r is not None and years[r] is not None else None)
+        keys = [normalise_title(out.titles[-1])]
+        if keys[0] and out.years[-1]:
+            keys.append(normalise_title(f"{out.titles[-1]} ({out.years[-1]})"))
+        for key in keys:
+            if key and key not in out.by_title:
+                out.by_title[key] = k + 1
+    return out
+
+
+class RankerCore:
+    """A trained checkpoint, its item table and the run's users, scoring batches of histories."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: str = "sasrec-lane-seed0",
+                 encoder_model: str = "all-MiniLM-L6-v2",
+                 threads: int | None = 1, title_min_similarity: float = 0.6) -> None:
+        import torch
+
+        from lane_ray.data import read_prepared
+        from lane_ray.data.split import ItemIndex, LeaveOneOutSplit
+        from lane_ray.models.recommender import load_checkpoint
+        from lane_ray.train.features import preference_tensor, title_matrix
+
+        if threads:
+            torch.set_num_threads(threads)
+        run = Path(run_dir)
+        ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else run / "checkpoints" / checkpoint
+        if not ckpt.is_dir():
+            have = sorted(p.name for p in (run / "checkpoints").glob("*") if p.is_dir())
+            raise DataError(f"no checkpoint '{checkpoint}' (have: {', '.join(have) or 'none'}; run `lane train` "
+                            "first)", file=ckpt)
+        self.model, self.meta = load_checkpoint(ckpt)
+        self.model.eval()
+        prepared = read_prepared(run)
+        self.split = LeaveOneOutSplit.from_interactions(prepared.interactions)
+        index = ItemIndex(np.concatenate([prepared.catalog["item_id"].to_numpy(), self.split.items]))
+        if len(index) != self.model.cfg.num_items:
+            raise DataError(f"the checkpoint scores {self.model.cfg.num_items} items but the run's data has "
+                            f"{len(index)}: checkpoint and data are from different runs", file=ckpt / "config.json")
+        self.index = index
+        self.catalogue = load_catalogue(prepared.catalog, index.item_ids)
+        self.name = ckpt.name
+        self.aligned = bool(self.model.cfg.align)
+        with torch.no_grad():
+            self.table = self.model.items.table().detach().clone()
+        self.preferences: dict[int, list[str]] = {}
+        self.prefs: np.ndarray | None = None
+        self.pref_mask: np.ndarray | None = None
+        if self.aligned:
+            pe = run / "preference_embeddings.parquet"
+            if not pe.exists():
+                raise DataError("the aligned model needs the run's preference embeddings", file=pe)
+            self.prefs, self.pref_mask = preference_tensor(pe, self.split.user_ids)
+            self.preferences = _preference_texts(run / "preferences.parquet")
+        emb = run / "item_embeddings.parquet"
+        self.title_vectors = title_matrix(emb, index)[0] if emb.exists() else None
+        self.encoder_model = encoder_model
+        self.title_min_similarity = title_min_similarity
+        self._encoder: Any = None
+        self._lock = threading.Lock()
+
+    # -- users and histories ------------------------------------------------------------------------------
+
+    @property
+    def num_users(self) -> int:
+        return self.split.num_users
+
+    def user(self, user_id: int) -> KnownUser:
+        pos = int(np.searchsorted(self.split.user_ids, user_id))
+        if pos >= self.split.num_users or int(self.split.user_ids[pos]) != user_id:
+            raise RequestError(404, "user_id", f"unknown user_id {user_id} (send a `history` for a new user)")
+        seq = self.split.items[self.split.offsets[pos]:self.split.offsets[pos + 1]]
+        prefs, texts = None, self.preferences.get(user_id, [])
+        if self.prefs is not None and self.pref_mask is not None:
+            present = np.flatnonzero(self.pref_mask[pos])  # weights follow the slots that have a vector
+            prefs = self.prefs[pos][present]
+            texts = [texts[s] if s < len(texts) else f"preference {s + 1}" for s in present]
+        return KnownUser(pos, self.index.encode(seq).tolist(), texts, prefs)
+
+    def resolve(self, history: list[int | str]) -> tuple[list[int], list[dict[str, Any]]]:
+        """Dense indices of a raw history and how each entry matched; an entry that matches nothing raises."""
+        dense: list[int] = []
+        matches: list[dict[str, Any]] = []
+        unmatched: list[tuple[int, str]] = []
+        for n, entry in enumerate(history):
+            if isinstance(entry, int):
+                d = self.catalogue.dense(entry)
+                if d is None:
+                    raise RequestError(422, f"history[{n}]", f"item id {entry} is not in the catalogue")
+                dense.append(d)
+                matches.append({"input": entry, "item_id": entry, "title": self.catalogue.titles[d - 1],
+                                "match": "id", "similarity": None})
+                continue
+            d = self.catalogue.by_title.get(normalise_title(entry))
+            if d is not None:
+                dense.append(d)
+                matches.append({"input": entry, "item_id": int(self.catalogue.item_ids[d - 1]),
+                                "title": self.catalogue.titles[d - 1], "match": "exact", "similarity": None})
+            else:
+                dense.append(0)
+                matches.append({})
+                unmatched.append((n, entry))
+        if unmatched:
+            for (n, entry), (d, sim) in zip(unmatched, self._nearest([e for _, e in unmatched]), strict=True):
+                if sim < self.title_min_similarity:
+                    raise RequestError(422, f"history[{n}]", f"no catalogue title matches {entry[:80]!r} (closest: "
+                                       f"{self.catalogue.titles[d - 1][:80]!r}, similarity {sim:.2f} < "
+                                       f"{self.title_min_similarity})")
+                dense[n] = d
+                matches[n] = {"input": entry, "item_id": int(self.catalogue.item_ids[d - 1]),
+                              "title": self.catalogue.titles[d - 1], "match": "nearest", "similarity": round(sim, 4)}
+        return dense, matches
+
+    def _nearest(self, texts: list[str]) -> list[tuple[int, float]]:
+        if self.title_vectors is None:
+            raise RequestError(422, "history", "this run has no title embeddings: send item ids or exact titles")
+        with self._lock:
+            if self._encoder is None:
+                from lane_ray.text import TextEncoder
+
+                self._encoder = TextEncoder(self.encoder_model, device="cpu")
+        q = self._encoder.encode(texts)
+        sims = q @ self.title_vectors.T  # row 0 (padding) is zero
+        sims[:, 0] = -2.0
+        best = sims.argmax(1)
+        return [(int(b), float(sims[i, b])) for i, b in enumerate(best)]
+
+    def history_items(self, dense: list[int]) -> list[dict[str, Any]]:
+        return [self.catalogue.meta(d) for d in dense]
+
+    # -- scoring ------------------------------------------------------------------------------------------
+
+    def score(self, queries: list[RankQuery]) -> list[dict[str, Any]]:
+        """Top-k of each query in one forward pass: items (dense), scores, alignment weights over the query's
+        preferences, and the target's rank and score when asked. Seen items are never returned."""
+        import torch
+
+        from lane_ray.data.split import pad_left
+
+        L = self.model.cfg.max_len
+        B = len(queries)
+        hist = torch.from_numpy(pad_left([np.asarray(q.history[-L:], dtype=np.int64) for q in queries], L))
+        prefs = mask = None
+        if self.aligned:
+            m = max([1] + [0 if q.prefs is None else len(q.prefs) for q in queries])
+            dim = self.prefs.shape[2] if self.prefs is not None else 0
+            p = np.zeros((B, m, dim), dtype=np.float32)
+            mk = np.zeros((B, m), dtype=bool)
+            for b, q in enumerate(queries):
+                if q.prefs is not None and len(q.prefs):
+                    p[b, :len(q.prefs)] = q.prefs
+                    mk[b, :len(q.prefs)] = True
+            prefs, mask = torch.from_numpy(p), torch.from_numpy(mk)
+        with torch.no_grad():
+            rep, w = self.model.user_vectors(hist, prefs, mask, self.table)
+            scores = rep @ self.table.T
+        scores[:, 0] = float("-inf")
+        out = []
+        for b, q in enumerate(queries):
+            row = scores[b]
+            target = None
+            if q.target is not None:
+                t_score = float(row[q.target])
+                target = {"rank": int((row > t_score).sum()) + 1, "score": t_score}
+            seen = torch.as_tensor(sorted(set(q.history)), dtype=torch.long)
+            row = row.clone()
+            row[seen] = float("-inf")
+            k = min(q.k, int(torch.isfinite(row).sum()))
+            top = row.topk(k)
+            n_pref = 0 if q.prefs is None else len(q.prefs)
+            out.append({"items": top.indices.tolist(), "scores": top.values.tolist(),
+                        "weights": None if w is None or not n_pref else w[b, :n_pref].tolist(), "target": target})
+        return out
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        d = self.catalogue.dense(item_id)
+        if d is None:
+            raise RequestError(404, "item_id", f"item id {item_id} is not in the catalogue")
+        return self.catalogue.meta(d)
+
+
+def _preference_texts(path: Path) -> dict[int, list[str]]:
+    if not path.exists():
+        return {}
+    from lane_ray.io import read_parquet
+
+    t = read_parquet(path, ["user_id", "preferences"])
+    return {int(u): list(p or []) for u, p in zip(t["user_id"].to_pylist(), t["preferences"].to_pylist(), strict=True)}
+
+
+class LRU:
+    """A small thread-safe least-recently-used cache."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key: str, value: Any) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+def history_key(items: list[dict[str, Any]]) -> str:
+    return hashlib.sha1(json.dumps([[i["item_id"], i["title"]] for i in items]).encode()).hexdigest()
+
+
+def _history_items(items: list[dict[str, Any]]) -> list[Any]:
+    from lane_ray.llm.prompts import HistoryItem
+
+    return [HistoryItem(i["title"], i.get("genres"), i.get("year")) for i in items]
+
+
+class PreferenceCore:
+    """LLM preferences (and their vectors) for raw histories, cached by history."""
+
+    def __init__(self, cfg: Any, catalog: Any, backend: Any = None) -> None:
+        from lane_ray.llm import backend_kwargs, make_backend
+        from lane_ray.pipeline.preferences import settings_from_config
+        from lane_ray.text import TextEncoder
+
+        self.backend = backend if backend is not None else make_backend(cfg.llm.backend, **backend_kwargs(cfg.llm))
+        self.settings = settings_from_config(cfg.preferences, catalog)
+        self.encoder = TextEncoder(cfg.embed.model, device="cpu")
+        self.cache = LRU(cfg.serve.preference_cache_size)
+        self._lock = threading.Lock()  # one generation at a time per replica
+
+    def extract(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """``{"preferences", "status", "vectors" [m, D], "cached"}`` for a history (catalogue metadata dicts)."""
+        from lane_ray.llm.preferences import UserHistory, extract_batch
+
+        key = history_key(items)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return {**hit, "cached": True}
+        with self._lock:
+            res = extract_batch([UserHistory(0, _history_items(items))], self.backend, self.settings,
+                                getattr(self.backend, "count_tokens", None))[0]
+        vectors = self.encoder.encode(res.preferences) if res.preferences else np.zeros((0, self.encoder.dim),
+                                                                                          np.float32)
+        out = {"preferences": list(res.preferences), "status": res.status, "vectors": vectors}
+        self.cache.put(key, out)
+        return {**out, "cached": False}
+
+
+class ExplainerCore:
+    """The 4-step chain-of-thought explanation of ranked items through the configured LLM backend."""
+
+    def __init__(self, cfg: Any, backend: Any = None) -> None:
+        from lane_ray.llm import backend_kwargs, make_backend
+        from lane_ray.pipeline.explain import settings_from_config
+
+        self.backend = backend if backend is not None else make_backend(cfg.llm.backend, **backend_kwargs(cfg.llm))
+        self.settings = settings_from_config(cfg)
+        self.label = f"{cfg.llm.backend}:{cfg.llm.model}"
+        self._lock = threading.Lock()
+
+    def explain(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Explanation rows (``Explanation.to_row``) for :func:`explain_request` dicts, in order."""
+        from lane_ray.llm.explain import explain_batch
+
+        reqs = [to_explain_request(r) for r in requests]
+        with self._lock:
+            out = explain_batch(reqs, self.backend, self.settings, getattr(self.backend, "count_tokens", None))
+        return [e.to_row() for e in out]
+
+
+def explain_request(user_id: int | None, item: dict[str, Any], rank: int, score: float,
+                    history: list[dict[str, Any]], preferences: list[str], weights: list[float] | None
+                    ) -> dict[str, Any]:
+    """A plain-data explanation request (what travels between deployments)."""
+    w = list(weights) if weights is not None and len(weights) == len(preferences) else [1.0] * len(preferences)
+    return {"user_id": -1 if user_id is None else int(user_id), "item": item, "rank": int(rank),
+            "score": float(score), "history": history, "preferences": list(preferences),
+            "weights": [max(0.0, float(x)) for x in w]}
+
+
+def to_explain_request(r: dict[str, Any]) -> Any:
+    from lane_ray.llm.explain import ExplainRequest
+
+    target = _history_items([r["item"]])[0]
+    return ExplainRequest(r["user_id"], r["item"]["item_id"], r["rank"], r["score"], target,
+                          _history_items(r["history"]), r["preferences"], r["weights"])
+
+
+def template_row(r: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """The explanation built from the alignment weights alone (no LLM): the degraded answer."""
+    from lane_ray.llm.explain import template_explanation
+
+    return template_explanation(to_explain_request(r), settings).to_row()
