@@ -350,6 +350,9 @@ class ServeConfig(_Section):
     explainer_replicas: int = Field(1, ge=1, description="Explainer replicas (each loads the LLM backend).")
     explainer_num_gpus: float = Field(0.0, ge=0, description="GPUs per Explainer replica (transformers on GPU).")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica of any deployment holds at once.")
+    graceful_shutdown_s: float = Field(
+        20.0, ge=0, description="Seconds a replica being stopped may finish its requests before it is killed."
+    )
 
 
 class RunConfig(_Section):

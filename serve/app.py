@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -124,7 +125,7 @@ def _error(status: int, field: str | None, message: str) -> JSONResponse:
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [p for p in loc if p != "body"]
+    parts = [p for p in loc if p not in ("body", "path", "query", "header")]
     out = ""
     for p in parts:
         if isinstance(p, int):
@@ -150,6 +151,12 @@ def make_api(max_body_bytes: int, api_key: str | None) -> FastAPI:
             field, msg = "body", "body is not valid JSON"
         more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
         return _error(422, field, f"{field}: {msg}{more}")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        field = {404: "path", 405: "method"}.get(exc.status_code)
+        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return _error(exc.status_code, field, what.get(exc.status_code, str(exc.detail)))
 
     @api.middleware("http")
     async def _guard(request: Request, call_next: Any) -> Any:
@@ -364,7 +371,7 @@ def build_app(args: dict[str, Any]) -> Any:
         if not api_key:
             raise ConfigError(f"serve.api_key_env names {s.api_key_env}, which is not set in the environment")
     cfg_json = cfg.model_dump_json()
-    common = {"max_ongoing_requests": s.max_ongoing_requests}
+    common = {"max_ongoing_requests": s.max_ongoing_requests, "graceful_shutdown_timeout_s": s.graceful_shutdown_s}
     ranker = Ranker.options(num_replicas=s.ranker_replicas, ray_actor_options={"num_cpus": s.ranker_num_cpus},
                             **common).bind(str(run_dir), cfg_json)
     extractor = PreferenceExtractor.options(ray_actor_options={"num_cpus": 0.25},

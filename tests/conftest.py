@@ -75,3 +75,12 @@ def amazon_records(layout: int) -> tuple[str, str]:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def serving_run(tmp_path_factory) -> Path:
+    """A small run directory the serving tests score against (see tests/serving_run.py)."""
+    pytest.importorskip("torch")
+    from tests.serving_run import build_serving_run
+
+    return build_serving_run(tmp_path_factory.mktemp("serving") / "run")

@@ -1,0 +1,95 @@
+"""The serving core without Ray: user and history resolution, scoring, masking, errors naming the field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.serving_run import CHECKPOINT, PREFERENCES
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def core(serving_run):
+    from serve.core import RankerCore
+
+    return RankerCore(serving_run, CHECKPOINT)
+
+
+def test_known_user_has_whole_history_and_stored_preferences(core):
+    uid = int(core.split.user_ids[0])
+    u = core.user(uid)
+    seq = core.split.items[core.split.offsets[0]:core.split.offsets[1]]
+    assert core.index.decode(np.array(u.history)).tolist() == seq.tolist()  # train + valid + test
+    assert u.preferences == PREFERENCES and u.prefs.shape == (len(PREFERENCES), 384)
+
+
+def test_unknown_user_is_404_naming_user_id(core):
+    from serve.core import RequestError
+
+    with pytest.raises(RequestError) as e:
+        core.user(10**9)
+    assert e.value.status == 404 and e.value.field == "user_id"
+
+
+def test_history_resolves_ids_exact_titles_titles_with_year_and_nearest(core):
+    cat = core.catalogue
+    t0, t1, t2 = cat.titles[0], cat.titles[1], cat.titles[2]
+    dense, matches = core.resolve([int(cat.item_ids[3]), t0.upper() + "  ", f"{t1} ({cat.years[1]})", t2 + "s"])
+    assert dense == [4, 1, 2, 3]
+    assert [m["match"] for m in matches] == ["id", "exact", "exact", "nearest"]
+    assert matches[3]["similarity"] >= core.title_min_similarity and matches[3]["title"] == t2
+
+
+@pytest.mark.parametrize("entry, field", [(10**9, "history[1]"), ("zzqx vvbn ploo", "history[1]")])
+def test_unresolvable_entry_is_422_naming_its_position(core, entry, field):
+    from serve.core import RequestError
+
+    with pytest.raises(RequestError) as e:
+        core.resolve([int(core.catalogue.item_ids[0]), entry])
+    assert e.value.status == 422 and e.value.field == field
+
+
+def test_scores_mask_seen_items_and_agree_with_a_full_forward(core):
+    from serve.core import RankQuery
+
+    u = core.user(int(core.split.user_ids[1]))
+    res = core.score([RankQuery(u.history, 10, u.prefs, target=u.history[-1]),
+                      RankQuery(u.history[:3], 5, None)])
+    assert len(res[0]["items"]) == 10 and len(res[1]["items"]) == 5
+    assert not set(res[0]["items"]) & set(u.history) and 0 not in res[0]["items"]
+    assert res[0]["scores"] == sorted(res[0]["scores"], reverse=True)
+    w = np.array(res[0]["weights"])
+    assert w.shape == (len(PREFERENCES),) and abs(w.sum() - 1) < 1e-4
+    assert res[1]["weights"] is None  # ranked without preferences
+    # the same user alone gives the same scores (batching does not change results)
+    alone = core.score([RankQuery(u.history, 10, u.prefs)])[0]
+    assert alone["items"] == res[0]["items"] and np.allclose(alone["scores"], res[0]["scores"], atol=1e-5)
+    # the target's rank counts the items scored above it (its own history not masked)
+    assert res[0]["target"]["rank"] >= 1
+
+
+def test_k_larger_than_unseen_items_returns_all_unseen(core):
+    from serve.core import RankQuery
+
+    hist = list(range(1, len(core.index) - 2))
+    res = core.score([RankQuery(hist, 50, None)])[0]
+    assert sorted(res["items"]) == [len(core.index) - 2, len(core.index) - 1, len(core.index)]
+
+
+def test_missing_checkpoint_names_what_exists(serving_run):
+    from lane_ray.errors import DataError
+    from serve.core import RankerCore
+
+    with pytest.raises(DataError, match=f"have: {CHECKPOINT}"):
+        RankerCore(serving_run, "gru4rec-id-seed9")
+
+
+def test_template_without_preferences_reads_well():
+    from serve.core import explain_request, template_row
+    from lane_ray.llm.explain import ExplainSettings
+
+    item = {"item_id": 7, "title": "Heat", "genres": "Action", "year": "1995"}
+    row = template_row(explain_request(None, item, 1, 2.5, [item], [], None), ExplainSettings())
+    assert row["source"] == "template" and "history only" in row["steps"][0] and " ." not in row["reason"]
