@@ -87,8 +87,8 @@ def test_missing_checkpoint_names_what_exists(serving_run):
 
 
 def test_template_without_preferences_reads_well():
-    from serve.core import explain_request, template_row
     from lane_ray.llm.explain import ExplainSettings
+    from serve.core import explain_request, template_row
 
     item = {"item_id": 7, "title": "Heat", "genres": "Action", "year": "1995"}
     row = template_row(explain_request(None, item, 1, 2.5, [item], [], None), ExplainSettings())
