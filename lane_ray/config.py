@@ -339,7 +339,14 @@ class ServeConfig(_Section):
         "is ranked without preferences."
     )
     preference_cache_size: int = Field(10_000, ge=0, description="Histories whose preferences are kept in memory.")
-    ranker_replicas: int = Field(1, ge=1, description="Ranker replicas (each holds the model and the item table).")
+    ranker_replicas: int = Field(1, ge=1, description="Ranker replicas (each holds the model and the item table); "
+                                 "the minimum when autoscaling.")
+    ranker_max_replicas: int | None = Field(
+        None, ge=1, description="Autoscale the Ranker between ranker_replicas and this (unset = fixed replicas)."
+    )
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Autoscaling target: requests in flight per replica."
+    )
     ranker_max_batch_size: int = Field(32, ge=1, description="Requests the Ranker scores in one forward pass.")
     ranker_batch_wait_s: float = Field(
         0.002, ge=0, description="Seconds the Ranker waits to fill a batch (latency traded for throughput)."
@@ -347,8 +354,15 @@ class ServeConfig(_Section):
     ranker_threads: int | None = Field(None, ge=1, description="Torch threads per Ranker replica (unset = 1).")
     ranker_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per Ranker replica.")
     explainer_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per Explainer replica.")
-    explainer_replicas: int = Field(1, ge=1, description="Explainer replicas (each loads the LLM backend).")
-    explainer_num_gpus: float = Field(0.0, ge=0, description="GPUs per Explainer replica (transformers on GPU).")
+    explainer_replicas: int = Field(1, ge=1, description="Explainer replicas (each loads the LLM backend); the "
+                                    "minimum when autoscaling.")
+    explainer_max_replicas: int | None = Field(
+        None, ge=1, description="Autoscale the Explainer between explainer_replicas and this (unset = fixed)."
+    )
+    explainer_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per Explainer replica (unset = 1 when the cluster has GPUs and the backend is "
+        "transformers, else 0; the openai backend never needs one)."
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica of any deployment holds at once.")
     graceful_shutdown_s: float = Field(
         20.0, ge=0, description="Seconds a replica being stopped may finish its requests before it is killed."

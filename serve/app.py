@@ -349,6 +349,25 @@ def _overrides(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
+def _scaling(replicas: int, max_replicas: int | None, target: float) -> dict[str, Any]:
+    """``num_replicas`` or, when a larger maximum is configured, an autoscaling config."""
+    if max_replicas is None or max_replicas <= replicas:
+        return {"num_replicas": replicas}
+    return {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
+                                   "target_ongoing_requests": target}}
+
+
+def explainer_gpus(configured: float | None, backend: str) -> float:
+    """GPUs per Explainer replica: as configured, else 1 for a local (transformers) LLM on a cluster with GPUs."""
+    if configured is not None:
+        return configured
+    if backend != "transformers":
+        return 0.0
+    import ray
+
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
 def build_app(args: dict[str, Any]) -> Any:
     """The application for ``serve run`` / ``serve deploy`` / :func:`lane_ray.cli` (``lane serve``)."""
     from lane_ray.config import load_config
@@ -372,12 +391,14 @@ def build_app(args: dict[str, Any]) -> Any:
             raise ConfigError(f"serve.api_key_env names {s.api_key_env}, which is not set in the environment")
     cfg_json = cfg.model_dump_json()
     common = {"max_ongoing_requests": s.max_ongoing_requests, "graceful_shutdown_timeout_s": s.graceful_shutdown_s}
-    ranker = Ranker.options(num_replicas=s.ranker_replicas, ray_actor_options={"num_cpus": s.ranker_num_cpus},
-                            **common).bind(str(run_dir), cfg_json)
+    ranker = Ranker.options(**_scaling(s.ranker_replicas, s.ranker_max_replicas, s.target_ongoing_requests),
+                            ray_actor_options={"num_cpus": s.ranker_num_cpus}, **common).bind(str(run_dir), cfg_json)
     extractor = PreferenceExtractor.options(ray_actor_options={"num_cpus": 0.25},
                                             **common).bind(str(run_dir), cfg_json)
-    gpus = {"num_gpus": s.explainer_num_gpus} if s.explainer_num_gpus else {}
-    explainer = Explainer.options(num_replicas=s.explainer_replicas,
+    n_gpus = explainer_gpus(s.explainer_num_gpus, cfg.llm.backend)
+    gpus = {"num_gpus": n_gpus} if n_gpus else {}
+    explainer = Explainer.options(**_scaling(s.explainer_replicas, s.explainer_max_replicas,
+                                             s.target_ongoing_requests),
                                   ray_actor_options={"num_cpus": s.explainer_num_cpus, **gpus},
                                   **common).bind(cfg_json)
     ingress = build_ingress(make_api(s.max_body_bytes, api_key))
