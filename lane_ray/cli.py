@@ -474,6 +474,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not (run / "checkpoints").is_dir():
         raise DataError("no checkpoints in this run directory (run `lane run` or `lane train` first)", file=run)
+    if cfg.serve.throughput_optimized:
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # read by the cluster init_ray may start
     init_ray(cfg.ray)
     from ray import serve
 

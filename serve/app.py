@@ -24,7 +24,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.core import ExplainerCore, PreferenceCore, RankerCore, RankQuery, RequestError, explain_request, template_row
+from serve.core import (
+    ExplainerCore,
+    PreferenceCore,
+    RankerCore,
+    RequestError,
+    ServeQuery,
+    explain_request,
+    template_row,
+)
 from serve.schemas import (
     ErrorBody,
     ExplainBody,
@@ -59,13 +67,6 @@ class Ranker:
         return {"model": self.core.name, "items": len(self.core.index), "users": self.core.num_users,
                 "aligned": self.core.aligned}
 
-    def user(self, user_id: int) -> dict[str, Any]:
-        try:
-            u = self.core.user(user_id)
-        except RequestError as e:
-            return {"error": e.to_dict()}
-        return {"history": u.history, "preferences": u.preferences, "prefs": u.prefs}
-
     def resolve(self, history: list[int | str]) -> dict[str, Any]:
         try:
             dense, matches = self.core.resolve(history)
@@ -79,18 +80,9 @@ class Ranker:
         except RequestError as e:
             return {"error": e.to_dict()}
 
-    def dense(self, item_id: int) -> int | None:
-        return self.core.catalogue.dense(item_id)
-
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def rank(self, queries: list[RankQuery]) -> list[dict[str, Any]]:
-        results = self.core.score(queries)
-        for res in results:
-            res["meta"] = [self.core.catalogue.meta(d) for d in res["items"]]
-        return results
-
-    def history_items(self, dense: list[int]) -> list[dict[str, Any]]:
-        return self.core.history_items(dense)
+    async def rank(self, queries: list[ServeQuery]) -> list[dict[str, Any]]:
+        return self.core.serve(queries)
 
 
 @serve.deployment(name="PreferenceExtractor")
@@ -135,6 +127,54 @@ def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "body"
 
 
+class Guard:
+    """Pure ASGI middleware (cheaper than Starlette's BaseHTTPMiddleware on every request): the API key on /v1/
+    routes, and the body size limit, checked on the declared length and on the bytes actually received."""
+
+    def __init__(self, app: Any, max_body_bytes: int, api_key: str | None) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    async def _refuse(self, send: Any, status: int, field: str, message: str) -> None:
+        body = json.dumps({"error": message, "field": field}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope["path"].startswith("/v1/") and headers.get(b"x-api-key") != self.api_key:
+            return await self._refuse(send, 401, "X-API-Key", "missing or wrong API key in the X-API-Key header")
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = f"body larger than {self.max_body_bytes} bytes"
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return await self._refuse(send, 413, "body", too_big)
+        chunks, size, more = [], 0, True
+        while more:  # buffer the body (at most the limit), then hand it on in one message
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return None  # the client went away
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.max_body_bytes:
+                return await self._refuse(send, 413, "body", too_big)
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
 def make_api(max_body_bytes: int, api_key: str | None) -> FastAPI:
     """The FastAPI app with its error handlers and middleware (routes are added by :class:`Ingress`)."""
     api = FastAPI(title="LANE-Ray", version="1",
@@ -158,20 +198,7 @@ def make_api(max_body_bytes: int, api_key: str | None) -> FastAPI:
         what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         return _error(exc.status_code, field, what.get(exc.status_code, str(exc.detail)))
 
-    @api.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("x-api-key") != api_key:
-                return _error(401, "X-API-Key", "missing or wrong API key in the X-API-Key header")
-        if request.method in {"POST", "PUT", "PATCH"}:
-            declared = request.headers.get("content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
-                return _error(413, "body", f"body larger than {max_body_bytes} bytes")
-            body = await request.body()  # cached by Starlette for the route
-            if len(body) > max_body_bytes:
-                return _error(413, "body", f"body larger than {max_body_bytes} bytes")
-        return await call_next(request)
-
+    api.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key)
     return api
 
 
@@ -221,30 +248,40 @@ def build_ingress(api: FastAPI) -> type:
                     raise RequestError(422, "explain_top", f"explain_top: at most {min(self.s.max_explain, body.k)}"
                                        f" (serve.max_explain and k), got {body.explain_top}")
 
-        async def _who(self, body: RecommendRequest | ExplainBody) -> dict[str, Any]:
-            """History (dense), its catalogue items, preferences and their vectors for a user or a raw history."""
+        async def _rank(self, body: RecommendRequest | ExplainBody, k: int, target_item: int | None = None,
+                        with_history: bool = False) -> dict[str, Any]:
+            """One Ranker call for a known user; for a raw history: resolve, LLM preferences (degrading to none
+            on failure or timeout), then the Ranker call. Returns the Ranker's answer plus ``who``."""
             info = await self._ranker_info()
             if body.user_id is not None:
-                u = _raise_if_error(await self.ranker.user.remote(body.user_id))
-                items = await self.ranker.history_items.remote(u["history"])
-                return {"user_id": body.user_id, "history": u["history"], "items": items, "matches": None,
-                        "preferences": u["preferences"], "prefs": u["prefs"],
-                        "source": "stored" if u["preferences"] else "none", "status": None,
-                        "note": None if u["preferences"] or not info["aligned"] else "no stored preferences"}
+                res = _raise_if_error(await self.ranker.rank.remote(
+                    ServeQuery(k, user_id=body.user_id, target_item=target_item, with_history=with_history)))
+                prefs = res.get("preferences", [])
+                res["who"] = {"user_id": body.user_id, "matches": None, "preferences": prefs,
+                              "source": "stored" if prefs else "none", "status": None,
+                              "note": None if prefs or not info["aligned"] else "no stored preferences"}
+                return res
             r = _raise_if_error(await self.ranker.resolve.remote(list(body.history or [])))
-            who = {"user_id": None, "history": r["history"], "items": r["items"], "matches": r["matches"],
-                   "preferences": [], "prefs": None, "source": "none", "status": None, "note": None}
+            who = {"user_id": None, "matches": r["matches"], "preferences": [], "source": "none", "status": None,
+                   "note": None}
+            vectors = None
             if not info["aligned"]:
                 who["note"] = "the served model does not use preferences"
-                return who
-            try:
-                p = await asyncio.wait_for(self.extractor.extract.remote(r["items"]), self.s.preference_timeout_s)
-                who.update(preferences=p["preferences"], prefs=p["vectors"], source="llm", status=p["status"])
-            except TimeoutError:
-                who["note"] = f"preference extraction timed out after {self.s.preference_timeout_s:g} s"
-            except Exception as exc:  # noqa: BLE001 - any LLM failure degrades to ranking without preferences
-                who["note"] = f"preference extraction failed: {_cause(exc)}"
-            return who
+            else:
+                try:
+                    p = await asyncio.wait_for(self.extractor.extract.remote(r["items"]),
+                                               self.s.preference_timeout_s)
+                    who.update(preferences=p["preferences"], source="llm", status=p["status"])
+                    vectors = p["vectors"]
+                except TimeoutError:
+                    who["note"] = f"preference extraction timed out after {self.s.preference_timeout_s:g} s"
+                except Exception as exc:  # noqa: BLE001 - any LLM failure degrades to ranking without preferences
+                    who["note"] = f"preference extraction failed: {_cause(exc)}"
+            res = _raise_if_error(await self.ranker.rank.remote(
+                ServeQuery(k, history=r["history"], prefs=vectors, target_item=target_item)))
+            res["history_items"] = r["items"]
+            res["who"] = who
+            return res
 
         async def _explain(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             from lane_ray.llm.explain import compute_checks
@@ -276,14 +313,14 @@ def build_ingress(api: FastAPI) -> type:
         async def recommend(self, body: RecommendRequest) -> Any:
             try:
                 self._check_limits(body)
-                who = await self._who(body)
-                res = await self.ranker.rank.remote(RankQuery(who["history"], body.k, who["prefs"]))
+                res = await self._rank(body, body.k, with_history=body.explain)
+                who = res["who"]
                 items = [{"rank": n + 1, "item_id": m["item_id"], "title": m["title"], "score": s}
                          for n, (m, s) in enumerate(zip(res["meta"], res["scores"], strict=True))]
                 explanations = []
                 if body.explain and items:
-                    reqs = [explain_request(who["user_id"], res["meta"][n], n + 1, res["scores"][n], who["items"],
-                                            who["preferences"], res["weights"])
+                    reqs = [explain_request(who["user_id"], res["meta"][n], n + 1, res["scores"][n],
+                                            res["history_items"], who["preferences"], res["weights"])
                             for n in range(min(body.explain_top, len(items)))]
                     explanations = await self._explain(reqs)
             except RequestError as e:
@@ -300,15 +337,12 @@ def build_ingress(api: FastAPI) -> type:
         async def explain(self, body: ExplainBody) -> Any:
             try:
                 self._check_limits(body)
-                target = await self.ranker.dense.remote(body.item_id)
-                if target is None:
-                    raise RequestError(404, "item_id", f"item id {body.item_id} is not in the catalogue")
-                who = await self._who(body)
-                res = await self.ranker.rank.remote(RankQuery(who["history"], 1, who["prefs"], target))
-                meta = _raise_if_error(await self.ranker.item.remote(body.item_id))
-                t = res["target"]
-                req = explain_request(who["user_id"], meta, t["rank"], t["score"], who["items"], who["preferences"],
-                                      res["weights"])
+                if body.history is not None:  # refuse an unknown item before any LLM work
+                    _raise_if_error(await self.ranker.item.remote(body.item_id))
+                res = await self._rank(body, 1, target_item=body.item_id, with_history=True)
+                who, t, meta = res["who"], res["target"], res["target_meta"]
+                req = explain_request(who["user_id"], meta, t["rank"], t["score"], res["history_items"],
+                                      who["preferences"], res["weights"])
                 explanation = (await self._explain([req]))[0]
             except RequestError as e:
                 return _error(e.status, e.field, e.message)

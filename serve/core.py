@@ -51,6 +51,20 @@ class RankQuery:
 
 
 @dataclass
+class ServeQuery:
+    """What the Ingress asks the Ranker in one call: a known ``user_id`` (resolved here) or a resolved ``history``
+    with its preference vectors; ``target_item`` (a catalogue id) to rank one item; ``with_history`` to get the
+    history's catalogue entries back (explanations need them)."""
+
+    k: int
+    user_id: int | None = None
+    history: list[int] | None = None
+    prefs: np.ndarray | None = None
+    target_item: int | None = None
+    with_history: bool = False
+
+
+@dataclass
 class KnownUser:
     row: int
     history: list[int]  # dense indices, whole sequence (train, valid and test items: serving predicts the next)
@@ -264,6 +278,36 @@ class RankerCore:
             n_pref = 0 if q.prefs is None else len(q.prefs)
             out.append({"items": top.indices.tolist(), "scores": top.values.tolist(),
                         "weights": None if w is None or not n_pref else w[b, :n_pref].tolist(), "target": target})
+        return out
+
+    def serve(self, queries: list[ServeQuery]) -> list[dict[str, Any]]:
+        """Answer a batch of :class:`ServeQuery`: resolution, one forward pass for all that resolve, catalogue
+        entries. A query that fails gets ``{"error": ...}`` in its place; the others are unaffected."""
+        out: list[dict[str, Any]] = [{} for _ in queries]
+        todo: list[tuple[int, RankQuery]] = []
+        for n, q in enumerate(queries):
+            try:
+                target = None
+                if q.target_item is not None:
+                    target = self.catalogue.dense(q.target_item)
+                    if target is None:
+                        raise RequestError(404, "item_id", f"item id {q.target_item} is not in the catalogue")
+                    out[n]["target_meta"] = self.catalogue.meta(target)
+                if q.user_id is not None:
+                    u = self.user(q.user_id)
+                    history, prefs = u.history, u.prefs
+                    out[n]["preferences"] = u.preferences
+                else:
+                    history, prefs = list(q.history or []), q.prefs
+                if q.with_history:
+                    out[n]["history_items"] = self.history_items(history)
+                todo.append((n, RankQuery(history, q.k, prefs, target)))
+            except RequestError as e:
+                out[n] = {"error": e.to_dict()}
+        if todo:
+            for (n, _), res in zip(todo, self.score([rq for _, rq in todo]), strict=True):
+                res["meta"] = [self.catalogue.meta(d) for d in res["items"]]
+                out[n].update(res)
         return out
 
     def item(self, item_id: int) -> dict[str, Any]:

@@ -93,3 +93,22 @@ def test_template_without_preferences_reads_well():
     item = {"item_id": 7, "title": "Heat", "genres": "Action", "year": "1995"}
     row = template_row(explain_request(None, item, 1, 2.5, [item], [], None), ExplainSettings())
     assert row["source"] == "template" and "history only" in row["steps"][0] and " ." not in row["reason"]
+
+
+def test_serve_batch_resolves_users_and_isolates_errors(core):
+    from serve.core import ServeQuery
+
+    uid = int(core.split.user_ids[0])
+    target = int(core.catalogue.item_ids[5])
+    out = core.serve([ServeQuery(4, user_id=uid, target_item=target, with_history=True),
+                      ServeQuery(4, user_id=10**9),
+                      ServeQuery(3, history=[1, 2], target_item=10**9),
+                      ServeQuery(3, history=[1, 2])])
+    assert out[0]["preferences"] == PREFERENCES and len(out[0]["items"]) == 4
+    assert out[0]["target_meta"]["item_id"] == target and out[0]["target"]["rank"] >= 1
+    assert len(out[0]["history_items"]) == len(core.user(uid).history)
+    assert out[1] == {"error": {"status": 404, "field": "user_id", "error": f"unknown user_id {10**9} (send a "
+                                                                            "`history` for a new user)"}}
+    assert out[2]["error"]["field"] == "item_id" and out[2]["error"]["status"] == 404
+    assert [m["item_id"] for m in out[3]["meta"]] == core.index.decode(np.array(out[3]["items"])).tolist()
+    assert not {1, 2} & set(out[3]["items"])
