@@ -17,7 +17,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,ann]'
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 

@@ -163,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(serve.checkpoint, default sasrec-lane-seed0)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("index", help="build the serving app's ANN index (faiss) of a checkpoint's item table")
+    _common(p)
+    p.add_argument("--run", metavar="DIR", default="runs/default", help="run directory (default runs/default)")
+    p.add_argument("--checkpoint", default="sasrec-lane-seed0",
+                   help="a name under RUN/checkpoints or a path (default sasrec-lane-seed0)")
+    p.add_argument("--kind", choices=["hnsw", "ivf"], default="hnsw", help="index type (default hnsw)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (default 32)")
+    p.add_argument("--ef-construction", type=int, default=80, help="HNSW build breadth (default 80)")
+    p.add_argument("--nlist", type=int, help="IVF lists (default 4 * sqrt(items))")
+    p.add_argument("--index-out", metavar="DIR", help="where to write (default RUN/index/<checkpoint>)")
+    p.set_defaults(func=cmd_index)
+
     for name, what in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not available in this version)")
         _common(p)
@@ -459,6 +471,26 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[st
 
         write_candidates(model, feats, out / "candidates.parquet")
     return result
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from lane_ray.errors import DataError
+    from lane_ray.progress import log
+
+    run = Path(args.run)
+    ckpt = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else run / "checkpoints" / args.checkpoint
+    if not (ckpt / "config.json").exists():
+        raise DataError("no checkpoint here (run `lane train` first, or name one with --checkpoint)", file=ckpt)
+    from serve.index import build_for_checkpoint
+
+    out = Path(args.index_out) if args.index_out else run / "index" / ckpt.name
+    if not args.quiet:
+        log(f"index: building a {args.kind} index of {ckpt.name}'s item table")
+    params = ({"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction} if args.kind == "hnsw"
+              else {"nlist": args.nlist})
+    meta = build_for_checkpoint(ckpt, out, args.kind, **params)
+    print(f"{out}: {meta['kind']} index of {meta['items']} items x {meta['dim']} in {meta['build_seconds']} s")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

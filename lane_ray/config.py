@@ -354,6 +354,13 @@ class ServeConfig(_Section):
     ranker_threads: int | None = Field(None, ge=1, description="Torch threads per Ranker replica (unset = 1).")
     ranker_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per Ranker replica.")
     explainer_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per Explainer replica.")
+    ann_index: str | None = Field(
+        None, description="Approximate top-k through a faiss index built by `lane index`: a directory, or `auto` for "
+        "RUN_DIR/index/<checkpoint> (unset = exact scoring of the whole catalogue). Needs the `ann` extra."
+    )
+    ann_ef_search: int = Field(128, ge=1, description="HNSW index: candidates explored per query (recall vs speed).")
+    ann_nprobe: int = Field(32, ge=1, description="IVF index: inverted lists scanned per query (recall vs speed).")
+    ann_margin: int = Field(50, ge=0, description="Extra ANN candidates fetched beyond k + the history's length.")
     explainer_replicas: int = Field(1, ge=1, description="Explainer replicas (each loads the LLM backend); the "
                                     "minimum when autoscaling.")
     explainer_max_replicas: int | None = Field(

@@ -121,7 +121,8 @@ class RankerCore:
 
     def __init__(self, run_dir: str | Path, checkpoint: str = "sasrec-lane-seed0",
                  encoder_model: str = "all-MiniLM-L6-v2",
-                 threads: int | None = 1, title_min_similarity: float = 0.6) -> None:
+                 threads: int | None = 1, title_min_similarity: float = 0.6, ann_index: str | None = None,
+                 ann_ef_search: int = 128, ann_nprobe: int = 32, ann_margin: int = 50) -> None:
         import torch
 
         from lane_ray.data import read_prepared
@@ -162,6 +163,16 @@ class RankerCore:
             self.preferences = _preference_texts(run / "preferences.parquet")
         emb = run / "item_embeddings.parquet"
         self.title_vectors = title_matrix(emb, index)[0] if emb.exists() else None
+        self.ann = None
+        self.ann_margin = ann_margin
+        if ann_index:
+            from serve.index import AnnIndex
+
+            path = run / "index" / ckpt.name if ann_index == "auto" else Path(ann_index)
+            self.ann = AnnIndex(path, ckpt, ann_ef_search, ann_nprobe)
+            if self.ann.meta["items"] != len(index):
+                raise DataError(f"the ANN index holds {self.ann.meta['items']} items, the catalogue {len(index)}",
+                                file=path / "index.json")
         self.encoder_model = encoder_model
         self.title_min_similarity = title_min_similarity
         self._encoder: Any = None
@@ -261,23 +272,52 @@ class RankerCore:
             prefs, mask = torch.from_numpy(p), torch.from_numpy(mk)
         with torch.no_grad():
             rep, w = self.model.user_vectors(hist, prefs, mask, self.table)
+            if self.ann is not None and all(q.target is None for q in queries):
+                return self._approximate(queries, rep, w)
             scores = rep @ self.table.T
         scores[:, 0] = float("-inf")
+        targets = []
+        for b, q in enumerate(queries):  # ranks before the history is masked: the target may be a seen item
+            if q.target is None:
+                targets.append(None)
+                continue
+            t_score = float(scores[b, q.target])
+            targets.append({"rank": int((scores[b] > t_score).sum()) + 1, "score": t_score})
+        seen = [sorted(set(q.history) - {0}) for q in queries]
+        for b, idx in enumerate(seen):  # in place: no copy of a catalogue-wide row per query
+            if idx:
+                scores[b].index_fill_(0, torch.as_tensor(idx, dtype=torch.long), float("-inf"))
+        N = scores.shape[1] - 1
+        top = scores.topk(min(max(q.k for q in queries), N), dim=1)
+        top_idx, top_val = top.indices.tolist(), top.values.tolist()
         out = []
         for b, q in enumerate(queries):
-            row = scores[b]
-            target = None
-            if q.target is not None:
-                t_score = float(row[q.target])
-                target = {"rank": int((row > t_score).sum()) + 1, "score": t_score}
-            seen = torch.as_tensor(sorted(set(q.history)), dtype=torch.long)
-            row = row.clone()
-            row[seen] = float("-inf")
-            k = min(q.k, int(torch.isfinite(row).sum()))
-            top = row.topk(k)
+            k = min(q.k, N - len(seen[b]))
             n_pref = 0 if q.prefs is None else len(q.prefs)
-            out.append({"items": top.indices.tolist(), "scores": top.values.tolist(),
-                        "weights": None if w is None or not n_pref else w[b, :n_pref].tolist(), "target": target})
+            out.append({"items": top_idx[b][:k], "scores": top_val[b][:k],
+                        "weights": None if w is None or not n_pref else w[b, :n_pref].tolist(), "target": targets[b]})
+        return out
+
+    def _approximate(self, queries: list[RankQuery], rep: Any, w: Any) -> list[dict[str, Any]]:
+        """Top-k among the ANN index's candidates, rescored exactly (the same dot products), seen items removed."""
+        import torch
+
+        N = len(self.index)
+        seen = [set(q.history) - {0} for q in queries]
+        K = min(N, max(q.k + len(s) for q, s in zip(queries, seen, strict=True)) + self.ann_margin)
+        cand = torch.from_numpy(self.ann.search(rep.numpy(), K))  # [B, K] dense, 0 = none
+        scores = torch.einsum("bh,bkh->bk", rep, self.table[cand])
+        scores[cand == 0] = float("-inf")
+        for b, s in enumerate(seen):
+            if s:
+                scores[b][torch.isin(cand[b], torch.as_tensor(sorted(s), dtype=torch.long))] = float("-inf")
+        order = scores.argsort(dim=1, descending=True)
+        out = []
+        for b, q in enumerate(queries):
+            best = order[b][torch.isfinite(scores[b][order[b]])][:q.k]
+            n_pref = 0 if q.prefs is None else len(q.prefs)
+            out.append({"items": cand[b][best].tolist(), "scores": scores[b][best].tolist(),
+                        "weights": None if w is None or not n_pref else w[b, :n_pref].tolist(), "target": None})
         return out
 
     def serve(self, queries: list[ServeQuery]) -> list[dict[str, Any]]:
