@@ -60,6 +60,32 @@ def build_synthetic_run(run: Path, items: int, users: int, hidden: int = 64) -> 
     return run
 
 
+def ann_recall(run: Path, checkpoint: str, kind: str, users: np.ndarray, n: int, k: int = 10,
+               **search: Any) -> dict[str, Any]:
+    """Build the index (timed), then recall@k of the ANN top-k against exact top-k for ``n`` users, and the
+    in-process scoring time of both (batches of one, as a lone request)."""
+    from serve.core import RankerCore, RankQuery
+    from serve.index import build_for_checkpoint
+
+    meta = build_for_checkpoint(run / "checkpoints" / checkpoint, run / "index" / checkpoint, kind)
+    exact = RankerCore(run, checkpoint)
+    approx = RankerCore(run, checkpoint, ann_index="auto", **search)
+    hits, t_exact, t_ann = 0, 0.0, 0.0
+    for uid in users[:n]:
+        u = exact.user(int(uid))
+        q = [RankQuery(u.history, k, u.prefs)]
+        t0 = time.perf_counter()
+        e = exact.score(q)[0]["items"]
+        t1 = time.perf_counter()
+        a = approx.score(q)[0]["items"]
+        t_ann += time.perf_counter() - t1
+        t_exact += t1 - t0
+        hits += len(set(e) & set(a))
+    return {"kind": kind, "build_seconds": meta["build_seconds"], "users": n, f"recall@{k}": round(hits / (n * k), 4),
+            "exact_ms_per_user": round(1000 * t_exact / n, 2), "ann_ms_per_user": round(1000 * t_ann / n, 2),
+            **search}
+
+
 def _load(port: int, bodies: list[dict[str, Any]], concurrency: int, warmup: int) -> dict[str, Any]:
     """Send ``bodies`` (after ``warmup`` of them unmeasured) from ``concurrency`` threads; latency stats."""
     lat: list[float] = []
@@ -125,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=400, help="measured requests per level")
     ap.add_argument("--warmup", type=int, default=20, help="unmeasured requests before each level")
     ap.add_argument("--explain-requests", type=int, default=0, help="also measure explain:true (0 = skip)")
+    ap.add_argument("--ann", choices=["hnsw", "ivf"], help="also build this ANN index, measure its recall@10 "
+                    "against exact scoring, and serve with it (serve.ann_index=auto)")
+    ap.add_argument("--ann-users", type=int, default=300, help="users in the recall measurement")
+    ap.add_argument("--ann-ef-search", type=int, default=128)
+    ap.add_argument("--ann-nprobe", type=int, default=32)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray cluster")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for the app (serve.*, llm.*)")
@@ -157,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         overrides.append(f"serve.checkpoint={args.checkpoint}")
     users = np.unique(read_parquet(run / "data" / "interactions.parquet", ["user_id"])["user_id"].to_numpy())
+    if args.ann:
+        import torch
+
+        torch.set_num_threads(1)  # as in the Ranker replica (serve.ranker_threads)
+        ckpt = args.checkpoint or ("sasrec-id-seed0" if args.synthetic_items else "sasrec-lane-seed0")
+        result["ann"] = ann_recall(run, ckpt, args.ann, np.random.default_rng(1).permutation(users),
+                                   args.ann_users, ann_ef_search=args.ann_ef_search, ann_nprobe=args.ann_nprobe)
+        overrides += ["serve.ann_index=auto", f"serve.ann_ef_search={args.ann_ef_search}",
+                      f"serve.ann_nprobe={args.ann_nprobe}"]
     ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
              configure_logging=False, _temp_dir=str(Path(tmp.name) / "ray"))
     port = _free_port()

@@ -307,6 +307,59 @@ def test_property_based_requests_never_get_5xx(broken):
     assert sum(seen.values()) >= 2000 and seen.get(200, 0) > 100 and seen.get(422, 0) > 100 and seen.get(404, 0) > 0
 
 
+def _browser() -> tuple[str, str]:
+    import shutil
+
+    chrome = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    if chrome is None or driver is None:
+        pytest.skip("no headless browser: install Debian's chromium and chromium-driver (.ci/run does)")
+    pytest.importorskip("selenium", reason="selenium not installed (the dev extra has it)")
+    return chrome, driver
+
+
+def test_web_page_in_headless_chromium(broken):
+    """The page at / drives the API: a user's top items, the preference bars and the explanation steps appear."""
+    chrome, driver_path = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = Options()
+    opts.binary_location = chrome
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(broken + "/")
+        user = driver.find_element(By.ID, "user_id")
+        user.clear()
+        user.send_keys("4")
+        k = driver.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("5")
+        driver.find_element(By.ID, "api_key").send_keys("s3cret")
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#items tr")) == 5)
+        bars = driver.find_elements(By.CSS_SELECTOR, "#prefs .bar")
+        assert len(bars) == len(PREFERENCES)
+        assert sum(float(b.get_attribute("style").split("width:")[1].split("%")[0]) for b in bars) == \
+            pytest.approx(100, abs=1)
+        steps = driver.find_elements(By.CSS_SELECTOR, "#explanations ol.steps li")
+        assert len(steps) == 4 and steps[0].text.startswith("Why")
+        assert "template" in driver.find_element(By.ID, "explanations").text  # the LLM of this app fails
+        # a bad input shows the API's message naming the field
+        driver.find_element(By.CSS_SELECTOR, 'input[name="who"][value="history"]').click()
+        driver.find_element(By.ID, "history").send_keys("999999")
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#status .error"))
+        assert driver.find_element(By.CSS_SELECTOR, "#status .error").text.startswith("history[0]:")
+    finally:
+        driver.quit()
+
+
 @pytest.fixture(scope="module")
 def hanging(ray_cluster, serving_run, broken):  # after `broken`
     server = HangingServer()
@@ -327,3 +380,4 @@ def test_hanging_llm_gets_template_within_the_timeout(hanging):
         assert r["explanations"][0]["source"] == "template"
         assert "did not answer within 2 s" in r["explanations"][0]["degraded_reason"]
         assert took < 2 * 2 + 3  # preference timeout + explanation timeout + slack
+
