@@ -44,6 +44,7 @@ from serve.schemas import (
 )
 
 PAGE = Path(__file__).with_name("page.html")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (401, 404, 413, 422)}
 
 
 def _config(cfg_json: str) -> Any:
@@ -309,8 +310,7 @@ def build_ingress(api: FastAPI) -> type:
             return out
 
         @api.post("/v1/recommend", response_model=RecommendResponse,
-                  responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
-                             422: {"model": ErrorBody}})
+                  responses=ERROR_RESPONSES)
         async def recommend(self, body: RecommendRequest) -> Any:
             try:
                 self._check_limits(body)
@@ -333,8 +333,7 @@ def build_ingress(api: FastAPI) -> type:
                     "preference_weights": res["weights"], "items": items, "explanations": explanations}
 
         @api.post("/v1/explain", response_model=ExplainResponse,
-                  responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
-                             422: {"model": ErrorBody}})
+                  responses=ERROR_RESPONSES)
         async def explain(self, body: ExplainBody) -> Any:
             try:
                 self._check_limits(body)
@@ -353,7 +352,7 @@ def build_ingress(api: FastAPI) -> type:
                     "explanation": explanation}
 
         @api.get("/v1/items/{item_id}", response_model=ItemOut,
-                 responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+                 responses={c: ERROR_RESPONSES[c] for c in (401, 404, 422)})
         async def item(self, item_id: int) -> Any:
             try:
                 return _raise_if_error(await self.ranker.item.remote(item_id))
