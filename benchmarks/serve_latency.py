@@ -67,7 +67,8 @@ def ann_recall(run: Path, checkpoint: str, kind: str, users: np.ndarray, n: int,
     from serve.core import RankerCore, RankQuery
     from serve.index import build_for_checkpoint
 
-    meta = build_for_checkpoint(run / "checkpoints" / checkpoint, run / "index" / checkpoint, kind)
+    meta = build_for_checkpoint(run / "checkpoints" / checkpoint, run / "index" / checkpoint, kind,
+                                threads=os.cpu_count())
     exact = RankerCore(run, checkpoint)
     approx = RankerCore(run, checkpoint, ann_index="auto", **search)
     hits, t_exact, t_ann = 0, 0.0, 0.0
