@@ -60,31 +60,45 @@ def build_synthetic_run(run: Path, items: int, users: int, hidden: int = 64) -> 
     return run
 
 
-def ann_recall(run: Path, checkpoint: str, kind: str, users: np.ndarray, n: int, k: int = 10,
-               **search: Any) -> dict[str, Any]:
-    """Build the index (timed), then recall@k of the ANN top-k against exact top-k for ``n`` users, and the
-    in-process scoring time of both (batches of one, as a lone request)."""
+def ann_recall(run: Path, checkpoint: str, kind: str, users: np.ndarray, n: int, settings: list[int],
+               target: float, k: int = 10) -> dict[str, Any]:
+    """Build the index (timed), then for each search setting (HNSW efSearch or IVF nprobe) the recall@k of the ANN
+    top-k against exact top-k over ``n`` users and the in-process scoring time per user (batches of one, as a
+    lone request). ``chosen``: the cheapest setting reaching ``target`` recall (else the best one)."""
     from serve.core import RankerCore, RankQuery
     from serve.index import build_for_checkpoint
 
     meta = build_for_checkpoint(run / "checkpoints" / checkpoint, run / "index" / checkpoint, kind,
                                 threads=os.cpu_count())
     exact = RankerCore(run, checkpoint)
-    approx = RankerCore(run, checkpoint, ann_index="auto", **search)
-    hits, t_exact, t_ann = 0, 0.0, 0.0
+    approx = RankerCore(run, checkpoint, ann_index="auto")
+    queries, truth, t_exact = [], [], 0.0
     for uid in users[:n]:
         u = exact.user(int(uid))
         q = [RankQuery(u.history, k, u.prefs)]
         t0 = time.perf_counter()
-        e = exact.score(q)[0]["items"]
-        t1 = time.perf_counter()
-        a = approx.score(q)[0]["items"]
-        t_ann += time.perf_counter() - t1
-        t_exact += t1 - t0
-        hits += len(set(e) & set(a))
-    return {"kind": kind, "build_seconds": meta["build_seconds"], "users": n, f"recall@{k}": round(hits / (n * k), 4),
-            "exact_ms_per_user": round(1000 * t_exact / n, 2), "ann_ms_per_user": round(1000 * t_ann / n, 2),
-            **search}
+        truth.append(set(exact.score(q)[0]["items"]))
+        t_exact += time.perf_counter() - t0
+        queries.append(q)
+    sweep = []
+    for value in settings:
+        if kind == "hnsw":
+            approx.ann.index.hnsw.efSearch = value
+        else:
+            approx.ann.index.nprobe = value
+        hits, t_ann = 0, 0.0
+        for q, e in zip(queries, truth, strict=True):
+            t0 = time.perf_counter()
+            hits += len(e & set(approx.score(q)[0]["items"]))
+            t_ann += time.perf_counter() - t0
+        sweep.append({"setting": value, f"recall@{k}": round(hits / (n * k), 4),
+                      "ann_ms_per_user": round(1000 * t_ann / n, 2)})
+    good = [r for r in sweep if r[f"recall@{k}"] >= target]
+    chosen = good[0] if good else max(sweep, key=lambda r: r[f"recall@{k}"])
+    return {"kind": kind, "setting_name": "ef_search" if kind == "hnsw" else "nprobe", "items": meta["items"],
+            "build_seconds": meta["build_seconds"], "params": meta["params"], "users": n,
+            "exact_ms_per_user": round(1000 * t_exact / n, 2), "sweep": sweep, "target_recall": target,
+            "chosen": chosen}
 
 
 def _load(port: int, bodies: list[dict[str, Any]], concurrency: int, warmup: int) -> dict[str, Any]:
@@ -155,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ann", choices=["hnsw", "ivf"], help="also build this ANN index, measure its recall@10 "
                     "against exact scoring, and serve with it (serve.ann_index=auto)")
     ap.add_argument("--ann-users", type=int, default=300, help="users in the recall measurement")
-    ap.add_argument("--ann-ef-search", type=int, default=128)
-    ap.add_argument("--ann-nprobe", type=int, default=32)
+    ap.add_argument("--ann-settings", default=None, help="comma-separated efSearch (hnsw) or nprobe (ivf) values "
+                    "to sweep (default hnsw 64,128,256,512,1024,2048; ivf 8,32,128,512)")
+    ap.add_argument("--ann-target-recall", type=float, default=0.95, help="serve with the cheapest setting reaching it")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray cluster")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for the app (serve.*, llm.*)")
@@ -194,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)  # as in the Ranker replica (serve.ranker_threads)
         ckpt = args.checkpoint or ("sasrec-id-seed0" if args.synthetic_items else "sasrec-lane-seed0")
+        default = "64,128,256,512,1024,2048" if args.ann == "hnsw" else "8,32,128,512"
+        settings = [int(x) for x in (args.ann_settings or default).split(",") if x]
         result["ann"] = ann_recall(run, ckpt, args.ann, np.random.default_rng(1).permutation(users),
-                                   args.ann_users, ann_ef_search=args.ann_ef_search, ann_nprobe=args.ann_nprobe)
-        overrides += ["serve.ann_index=auto", f"serve.ann_ef_search={args.ann_ef_search}",
-                      f"serve.ann_nprobe={args.ann_nprobe}"]
+                                   args.ann_users, settings, args.ann_target_recall)
+        key = "serve.ann_ef_search" if args.ann == "hnsw" else "serve.ann_nprobe"
+        overrides += ["serve.ann_index=auto", f"{key}={result['ann']['chosen']['setting']}"]
     ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
              configure_logging=False, _temp_dir=str(Path(tmp.name) / "ray"))
     port = _free_port()
