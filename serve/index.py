@@ -90,8 +90,9 @@ def build_for_checkpoint(ckpt: Path, out: Path, kind: str = "hnsw", **params: An
     t0 = time.perf_counter()
     vectors = item_table(ckpt)
     index = build_index(vectors, kind, **params)
-    params.pop("threads", None)
-    meta = {"kind": kind, "params": {k: v for k, v in params.items() if v is not None}, "metric": "inner_product",
+    used = ({"hnsw_m": index.hnsw.nb_neighbors(1), "ef_construction": index.hnsw.efConstruction}
+            if kind == "hnsw" else {"nlist": int(index.nlist)})
+    meta = {"kind": kind, "params": used, "metric": "inner_product",
             "items": int(vectors.shape[0]), "dim": int(vectors.shape[1]), "checkpoint": str(ckpt.resolve()),
             "checkpoint_sha1": checkpoint_digest(ckpt), "build_seconds": round(time.perf_counter() - t0, 2)}
     write_index(out, index, meta)
