@@ -21,7 +21,6 @@ FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 # Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
 PENDING = {
     "submit": "submitting a job to a Ray cluster",
-    "report": "the run report",
 }
 
 
@@ -163,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(serve.checkpoint, default sasrec-lane-seed0)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("report", help="markdown report with PNG plots of a run directory's artifacts")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("index", help="build the serving app's ANN index (faiss) of a checkpoint's item table")
     _common(p)
     p.add_argument("--run", metavar="DIR", default="runs/default", help="run directory (default runs/default)")
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not available in this version)")
         _common(p)
-        if name not in ("submit", "report"):
+        if name != "submit":
             _dataset_args(p, positional=False)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=_pending(name, what))
@@ -473,6 +477,13 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[st
     return result
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from lane_ray.report import write_run_report
+
+    print(write_run_report(args.run_dir, args.out))
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from lane_ray.errors import DataError
     from lane_ray.progress import log
@@ -615,10 +626,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         vcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"variant": variant,
                                                                              "backbone": "sasrec"})})
         _train_and_evaluate(vcfg, args.quiet, skip_current=not args.force)
+    from lane_ray.report import write_run_report
+
+    report = write_run_report(out)
     s = summary["stats"]
     if not args.quiet:
-        log(f"run complete: {out} ({s['users']} users, {s['items']} items, {s['interactions']} interactions)")
+        log(f"run complete: {out} ({s['users']} users, {s['items']} items, {s['interactions']} interactions); "
+            f"report: {report}")
     print(out)
+    print(report)
     return 0
 
 

@@ -18,7 +18,10 @@ def test_run_skips_current_stage_and_redoes_on_change(ray_cluster, capsys, ml100
             "--set", "train.threads_per_worker=1"]
     assert run(capsys, *args)[0] == 0
     rc, out, err = run(capsys, *args)
-    assert rc == 0 and "skipped (output is current)" in err and out.strip() == str(run_dir)
+    assert rc == 0 and "skipped (output is current)" in err
+    assert out.split() == [str(run_dir), str(run_dir / "report" / "report.md")]
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "sasrec | lane" in report and (run_dir / "report" / "attention.png").exists()
     rc, _, err = run(capsys, *args, "--set", "data.max_users=2")
     assert rc == 0 and "data: done" in err
     assert json.loads((run_dir / "data" / "prepare.json").read_text())["stats"]["users"] == 2
