@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)  # as in the Ranker replica (serve.ranker_threads)
-        ckpt = args.checkpoint or ("sasrec-id-seed0" if args.synthetic_items else "sasrec-lane-seed0")
+        ckpt = args.checkpoint or ("sasrec-id-seed0" if args.synthetic_items else "lane")
         default = "64,128,256,512,1024,2048" if args.ann == "hnsw" else "8,32,128,512"
         settings = [int(x) for x in (args.ann_settings or default).split(",") if x]
         result["ann"] = ann_recall(run, ckpt, args.ann, np.random.default_rng(1).permutation(users),

@@ -1,6 +1,6 @@
 """Build the serving app's ANN index of a checkpoint as a cluster job (same as ``lane index``).
 
-    ray job submit --working-dir . -- python jobs/build_index.py --run runs/default --checkpoint sasrec-lane-seed0
+    ray job submit --working-dir . -- python jobs/build_index.py --run runs/default --checkpoint lane
     ray job submit --working-dir . -- python jobs/build_index.py --run /shared/runs/big --kind ivf
 
 The index goes to ``RUN/index/<checkpoint>/`` (``index.faiss`` + ``index.json``); serve it with

@@ -19,9 +19,7 @@ from lane_ray.errors import LaneError
 FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 
 # Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
-PENDING = {
-    "submit": "submitting a job to a Ray cluster",
-}
+PENDING: dict[str, str] = {}  # commands registered before their stage lands (none at present)
 
 
 def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
@@ -159,8 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
     p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     p.add_argument("--checkpoint", help="checkpoint to serve: a name under RUN/checkpoints or a path "
-                   "(serve.checkpoint, default sasrec-lane-seed0)")
+                   "(serve.checkpoint, default lane)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="run a lane command as a job on a Ray cluster (ray job submit)",
+                       description="lane submit --address http://HEAD:8265 -- run --out s3://bucket/runs/x")
+    p.add_argument("--address", required=True, help="the cluster's dashboard / job server, http://HOST:8265")
+    p.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working directory "
+                   "(default: here; .venv, .git, runs/ and caches are left out)")
+    p.add_argument("--job-id", help="submission id (default: generated)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return without waiting")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the job (default: no limit)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the lane command and its arguments")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("report", help="markdown report with PNG plots of a run directory's artifacts")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
@@ -170,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build the serving app's ANN index (faiss) of a checkpoint's item table")
     _common(p)
     p.add_argument("--run", metavar="DIR", default="runs/default", help="run directory (default runs/default)")
-    p.add_argument("--checkpoint", default="sasrec-lane-seed0",
-                   help="a name under RUN/checkpoints or a path (default sasrec-lane-seed0)")
+    p.add_argument("--checkpoint", default="lane",
+                   help="a name under RUN/checkpoints or a path (default lane, what `lane run` trains)")
     p.add_argument("--kind", choices=["hnsw", "ivf"], default="hnsw", help="index type (default hnsw)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (default 32)")
     p.add_argument("--ef-construction", type=int, default=80, help="HNSW build breadth (default 80)")
@@ -475,6 +484,73 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[st
 
         write_candidates(model, feats, out / "candidates.parquet")
     return result
+
+
+SUBMIT_EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/",
+                   "/.dev*/", "/.whl/", "*.egg-info/"]
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """``ray job submit`` of ``python -m lane_ray.cli <command>`` with the working directory (and so any
+    ``--config`` file inside it) shipped through the job's ``runtime_env``; waits and streams the job's logs."""
+    import shlex
+    import time
+
+    from lane_ray.errors import ConfigError
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("lane submit: give the lane command after --, e.g. lane submit --address URL -- run")
+    if command[0] in ("submit", "serve"):
+        raise ConfigError(f"lane submit: `lane {command[0]}` is not a batch job (use serve/config.yaml with "
+                          "`serve deploy` for the app)")
+    build_parser().parse_args(command)  # refuse a bad command here, not on the cluster
+    wd = Path(args.working_dir).resolve()
+    if not wd.is_dir():
+        raise ConfigError(f"lane submit: --working-dir {wd} is not a folder")
+    if "--config" in command:
+        cfg = Path(command[command.index("--config") + 1]).resolve()
+        if not cfg.is_relative_to(wd):
+            raise ConfigError(f"lane submit: the config file {cfg} must be inside the working dir {wd} (it is "
+                              "shipped with it); give its path relative to that folder")
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(args.address)
+    except Exception as exc:  # noqa: BLE001 - connection, auth or version errors: one line
+        raise ConfigError(f"lane submit: cannot reach the job server at {args.address}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "LANE_MODEL_CACHE", "LANE_DATA_CACHE") if k in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    entrypoint = "python -m lane_ray.cli " + shlex.join(command)
+    deadline = time.monotonic() + 120
+    while True:  # a head that just started answers "no available agent" for a few seconds
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, submission_id=args.job_id, runtime_env={
+                "working_dir": str(wd), "excludes": SUBMIT_EXCLUDES, "env_vars": env})
+            break
+        except RuntimeError as exc:
+            if "try again later" not in str(exc) or time.monotonic() > deadline:
+                raise ConfigError(f"lane submit: the job server refused the job: {str(exc).splitlines()[0]}") from None
+            time.sleep(2)
+    print(job_id, flush=True)
+    if args.no_wait:
+        return 0
+    start, shown = time.monotonic(), 0
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        sys.stderr.write(logs[shown:])
+        shown = len(logs)
+        if status in terminal:
+            break
+        if args.timeout is not None and time.monotonic() - start > args.timeout:
+            client.stop_job(job_id)
+            raise ConfigError(f"lane submit: job {job_id} still running after {args.timeout:g} s; stopped it")
+        time.sleep(2)
+    print(f"{job_id}: {status.value}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -316,8 +316,8 @@ class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 exposes it to the network).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     checkpoint: str = Field(
-        "sasrec-lane-seed0", description="Checkpoint served: a directory under RUN_DIR/checkpoints (what `lane run` "
-        "and `lane train` name <backbone>-<variant>-seed<k>) or a path to one."
+        "lane", description="Checkpoint served: a directory under RUN_DIR/checkpoints (`lane run` writes `id` and "
+        "`lane`; `lane experiment ablation` writes <backbone>-<variant>-seed<k>) or a path to one."
     )
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key clients must send in the X-API-Key header "

@@ -119,7 +119,7 @@ def load_catalogue(catalog: Any, item_ids: np.ndarray) -> Catalogue:
 class RankerCore:
     """A trained checkpoint, its item table and the run's users, scoring batches of histories."""
 
-    def __init__(self, run_dir: str | Path, checkpoint: str = "sasrec-lane-seed0",
+    def __init__(self, run_dir: str | Path, checkpoint: str = "lane",
                  encoder_model: str = "all-MiniLM-L6-v2",
                  threads: int | None = 1, title_min_similarity: float = 0.6, ann_index: str | None = None,
                  ann_ef_search: int = 128, ann_nprobe: int = 32, ann_margin: int = 50) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-CHECKPOINT = "sasrec-lane-seed0"
+CHECKPOINT = "lane"  # the name `lane run` gives it, the serving default
 PREFERENCES = ["tense action thrillers", "gentle family comedies", "dark science fiction"]
 
 

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from tests.integration.test_serve import free_port
+from tests.serving_run import CHECKPOINT
 
 pytestmark = [pytest.mark.integration, pytest.mark.network]
 pytest.importorskip("torch")
@@ -40,7 +41,7 @@ def test_lane_serve_prints_url_answers_and_stops(ray_cluster, serving_run, tmp_p
                 break
         assert url == f"http://127.0.0.1:{port}/", (url, open(tmp_path / "serve.log").read()[-3000:])
         with urllib.request.urlopen(url + "healthz", timeout=30) as r:
-            assert json.loads(r.read())["model"] == "sasrec-lane-seed0"
+            assert json.loads(r.read())["model"] == CHECKPOINT
         req = urllib.request.Request(url + "v1/recommend", data=json.dumps({"user_id": 1, "k": 3}).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:

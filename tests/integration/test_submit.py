@@ -1,0 +1,86 @@
+"""`lane submit` against a real Ray head this test starts (`ray start --head` on 127.0.0.1, dashboard on a free
+port): the pipeline on a tiny MovieLens copy runs as a job, succeeds, writes its artifacts, and gives the same
+metrics as `lane run` in-process with the same seed. Only the head started here is stopped (its processes are
+found by its own temp dir), never another cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.test_serve import free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _stop_head(temp_dir: Path) -> None:
+    mine = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in (p.info["cmdline"] or []))]
+    for p in mine:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture
+def head(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("rayhead")
+    port, dash = free_port(), free_port()
+    # every fixed default port of a head gets a free one: another cluster on this machine (the test session's own)
+    # already holds the defaults
+    ports = {f"--{name}": free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port")}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--include-dashboard=true", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+                    "--object-store-memory=300000000", "--disable-usage-stats",
+                    *(f"{k}={v}" for k, v in ports.items())], env=env, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        _stop_head(temp)
+
+
+def test_submitted_pipeline_succeeds_and_matches_lane_run(head, ml100k_dir, tmp_path, capsys):
+    address, env = head
+    args = ["run", "--dataset", str(ml100k_dir), "--set", "train.epochs=2", "--set", "train.threads_per_worker=1"]
+    job_out = tmp_path / "job"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "lane_ray.cli", "submit", "--address", address, "--timeout", "900",
+                           "--", *args, "--out", str(job_out)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=1000)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    job_id = proc.stdout.split()[0]
+    assert f"{job_id}: SUCCEEDED" in proc.stdout, proc.stdout
+    for artifact in ("metrics.json", "timings.json", "report/report.md", "checkpoints/lane/config.json",
+                     "preferences.parquet", "candidates.parquet"):
+        assert (job_out / artifact).exists(), artifact
+    took = time.monotonic() - t0
+
+    from lane_ray.cli import main
+
+    local_out = tmp_path / "local"
+    assert main([*args, "--out", str(local_out), "-q"]) == 0
+    job, local = (json.loads((d / "metrics.json").read_text()) for d in (job_out, local_out))
+    for key in ("sasrec/id/seed0", "sasrec/lane/seed0"):
+        for proto in ("full", "sampled100"):
+            for metric, value in local[key][proto].items():
+                assert job[key][proto][metric] == pytest.approx(value, abs=1e-6), (key, proto, metric)
+    print(f"job took {took:.0f} s")
