@@ -10,16 +10,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lane_ray.errors import LaneError
 
 FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
-
-# Commands registered now whose stage lands in a later milestone: they fail clearly rather than pretend.
-PENDING: dict[str, str] = {}  # commands registered before their stage lands (none at present)
 
 
 def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
@@ -187,14 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nlist", type=int, help="IVF lists (default 4 * sqrt(items))")
     p.add_argument("--index-out", metavar="DIR", help="where to write (default RUN/index/<checkpoint>)")
     p.set_defaults(func=cmd_index)
-
-    for name, what in PENDING.items():
-        p = sub.add_parser(name, help=f"{what} (not available in this version)")
-        _common(p)
-        if name != "submit":
-            _dataset_args(p, positional=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_pending(name, what))
     return parser
 
 
@@ -205,13 +193,6 @@ BACKBONE_CHOICES = ["sasrec", "gru4rec", "bert4rec", "diffurec"]
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="maximum epochs (train.epochs, default 200)")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (train.patience, default 10)")
-
-
-def _pending(name: str, what: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise LaneError(f"lane {name}: {what} is not available in this version of lane-ray yet")
-
-    return run
 
 
 def _config(args: argparse.Namespace, **flags: Any):
