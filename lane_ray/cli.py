@@ -542,15 +542,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from lane_ray.errors import DataError
     from lane_ray.progress import log
-
-    run = Path(args.run)
-    ckpt = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else run / "checkpoints" / args.checkpoint
-    if not (ckpt / "config.json").exists():
-        raise DataError("no checkpoint here (run `lane train` first, or name one with --checkpoint)", file=ckpt)
+    from serve.core import resolve_checkpoint
     from serve.index import build_for_checkpoint
 
+    run = Path(args.run)
+    ckpt = resolve_checkpoint(run, args.checkpoint)
     out = Path(args.index_out) if args.index_out else run / "index" / ckpt.name
     if not args.quiet:
         log(f"index: building a {args.kind} index of {ckpt.name}'s item table")

@@ -116,6 +116,17 @@ def load_catalogue(catalog: Any, item_ids: np.ndarray) -> Catalogue:
     return out
 
 
+def resolve_checkpoint(run: Path, name: str) -> Path:
+    """The checkpoint directory ``name`` names: a path to one, or a directory under ``run/checkpoints``; a name
+    that is neither raises, listing the run's checkpoints."""
+    ckpt = Path(name) if Path(name).is_dir() else run / "checkpoints" / name
+    if not ckpt.is_dir():
+        have = sorted(p.name for p in (run / "checkpoints").glob("*") if p.is_dir())
+        raise DataError(f"no checkpoint '{name}' (have: {', '.join(have) or 'none'}; run `lane train` first)",
+                        file=ckpt)
+    return ckpt
+
+
 class RankerCore:
     """A trained checkpoint, its item table and the run's users, scoring batches of histories."""
 
@@ -133,11 +144,7 @@ class RankerCore:
         if threads:
             torch.set_num_threads(threads)
         run = Path(run_dir)
-        ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else run / "checkpoints" / checkpoint
-        if not ckpt.is_dir():
-            have = sorted(p.name for p in (run / "checkpoints").glob("*") if p.is_dir())
-            raise DataError(f"no checkpoint '{checkpoint}' (have: {', '.join(have) or 'none'}; run `lane train` "
-                            "first)", file=ckpt)
+        ckpt = resolve_checkpoint(run, checkpoint)
         self.model, self.meta = load_checkpoint(ckpt)
         self.model.eval()
         prepared = read_prepared(run)

@@ -52,6 +52,7 @@ def test_synth(capsys, run_dir):
         (["submit", "--address", "http://127.0.0.1:1", "--", "serve"], "is not a batch job"),
         (["submit", "--address", "http://127.0.0.1:1", "--", "run"], "cannot reach the job server"),
         (["serve", "--run", "no/such/run"], "no checkpoints in this run directory"),
+        (["index", "--run", "no/such/run", "--checkpoint", "x"], "no checkpoint 'x' (have: none"),
         (["serve", "--run", "no/such/run", "--port", "0"], "config field 'serve.port'"),
         (["train", "--set", "train.lr=-1"], "config field 'train.lr'"),
         (["train", "--set", "train.variant=bogus"], "config field 'train.variant'"),
