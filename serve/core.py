@@ -137,9 +137,8 @@ class RankerCore:
         import torch
 
         from lane_ray.data import read_prepared
-        from lane_ray.data.split import ItemIndex, LeaveOneOutSplit
         from lane_ray.models.recommender import load_checkpoint
-        from lane_ray.train.features import preference_tensor, title_matrix
+        from lane_ray.train.features import load_features
 
         if threads:
             torch.set_num_threads(threads)
@@ -147,29 +146,24 @@ class RankerCore:
         ckpt = resolve_checkpoint(run, checkpoint)
         self.model, self.meta = load_checkpoint(ckpt)
         self.model.eval()
+        self.aligned = bool(self.model.cfg.align)
         prepared = read_prepared(run)
-        self.split = LeaveOneOutSplit.from_interactions(prepared.interactions)
-        index = ItemIndex(np.concatenate([prepared.catalog["item_id"].to_numpy(), self.split.items]))
+        # the split, the item index, title vectors (nearest-title matching) and stored preference vectors exactly
+        # as training built them
+        feats = load_features(run, titles=(run / "item_embeddings.parquet").exists(), preferences=self.aligned,
+                              interactions=prepared.interactions, catalog=prepared.catalog)
+        self.split, index = feats.split, feats.index
         if len(index) != self.model.cfg.num_items:
             raise DataError(f"the checkpoint scores {self.model.cfg.num_items} items but the run's data has "
                             f"{len(index)}: checkpoint and data are from different runs", file=ckpt / "config.json")
         self.index = index
         self.catalogue = load_catalogue(prepared.catalog, index.item_ids)
         self.name = ckpt.name
-        self.aligned = bool(self.model.cfg.align)
         with torch.no_grad():
             self.table = self.model.items.table().detach().clone()
-        self.preferences: dict[int, list[str]] = {}
-        self.prefs: np.ndarray | None = None
-        self.pref_mask: np.ndarray | None = None
-        if self.aligned:
-            pe = run / "preference_embeddings.parquet"
-            if not pe.exists():
-                raise DataError("the aligned model needs the run's preference embeddings", file=pe)
-            self.prefs, self.pref_mask = preference_tensor(pe, self.split.user_ids)
-            self.preferences = _preference_texts(run / "preferences.parquet")
-        emb = run / "item_embeddings.parquet"
-        self.title_vectors = title_matrix(emb, index)[0] if emb.exists() else None
+        self.prefs, self.pref_mask = feats.prefs, feats.pref_mask
+        self.preferences = _preference_texts(run / "preferences.parquet") if self.aligned else {}
+        self.title_vectors = feats.titles
         self.ann = None
         self.ann_margin = ann_margin
         if ann_index:
