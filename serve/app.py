@@ -137,11 +137,9 @@ class Guard:
         self.app, self.max_body_bytes = app, max_body_bytes
         self.api_key = api_key.encode() if api_key else None
 
-    async def _refuse(self, send: Any, status: int, field: str, message: str) -> None:
-        body = json.dumps({"error": message, "field": field}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    @staticmethod
+    async def _refuse(send: Any, status: int, field: str, message: str) -> None:
+        await _error(status, field, message)({"type": "http"}, None, send)  # the routes' error body, as ASGI
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
