@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 VARIANT_ORDER = ("id", "title", "lane", "lane-shuffled")
 
 
@@ -128,8 +130,14 @@ def attention_section(run: Path, out: Path, users: int = 10) -> list[str]:
     cand = run / "candidates.parquet"
     if not cand.exists():
         return lines + _missing("candidates with alignment weights", "lane run")
-    c = read_parquet(cand).to_pylist()
-    top = [r for r in c if r["rank"] == 1 and r.get("preference_weights")][:users]
+    import pyarrow.compute as pc
+
+    c = read_parquet(cand)
+    if "preference_weights" not in c.column_names:
+        c = c.append_column("preference_weights", pa.nulls(c.num_rows, pa.list_(pa.float32())))
+    # in Arrow: a large run has millions of candidate rows and the section needs a few users' top rows
+    first = pc.and_(pc.equal(c["rank"], 1), pc.greater(pc.list_value_length(c["preference_weights"]), 0))
+    top = c.filter(pc.fill_null(first, False)).slice(0, users).to_pylist()
     if not top:
         return lines + ["_The served model has no alignment layer (no weights in candidates.parquet)._", ""]
     prefs: dict[int, list[str]] = {}
@@ -139,8 +147,9 @@ def attention_section(run: Path, out: Path, users: int = 10) -> list[str]:
                                                        strict=True)}
     expl: dict[tuple[int, int], str] = {}
     if (run / "explanations.parquet").exists():
-        e = read_parquet(run / "explanations.parquet").to_pylist()
-        expl = {(int(r["user_id"]), int(r["item_id"])): r.get("reason", "") for r in e}
+        e = read_parquet(run / "explanations.parquet", ["user_id", "item_id", "reason"])
+        e = e.filter(pc.is_in(e["user_id"], pa.array([r["user_id"] for r in top], e["user_id"].type))).to_pylist()
+        expl = {(int(r["user_id"]), int(r["item_id"])): r["reason"] or "" for r in e}
     m = max(len(r["preference_weights"]) for r in top)
     import numpy as np
 
