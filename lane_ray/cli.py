@@ -293,6 +293,7 @@ def _embed(cfg, catalog: Path, dest: Path, quiet: bool, run_dir: Path | None) ->
 
     with Stage("embed_catalog", run_dir, quiet=quiet) as st:
         manifest = embed_texts(catalog, dest, cfg.embed, cfg.ray)
+        st.skipped = manifest["embedded_now"] == 0  # every title was current: keep the timing of the real run
         st.rows = manifest["embedded_now"]
         st.extra = {"titles_per_s": round(manifest["embedded_now"] / manifest["embed_seconds"], 1)
                     if manifest["embed_seconds"] else None, "reused": manifest["reused"]}
@@ -337,6 +338,7 @@ def _preferences(cfg, quiet: bool) -> dict[str, Any]:
         manifest = run_preferences(users, out / "preferences.parquet", cfg.llm.backend, kwargs, settings, model_id,
                                    batch_size, pc.max_actors, pc.cpus_per_actor, pc.gpus_per_actor,
                                    use_ray=not vllm, niceness=pc.actor_niceness)
+        st.skipped = manifest["extracted_now"] == 0
         st.rows = manifest["extracted_now"]
         st.extra = {k: manifest[k] for k in ("tokens_per_s", "users_per_s", "status") if k in manifest}
     if pc.embed:
@@ -355,6 +357,7 @@ def _embed_preferences(cfg, out: Path, quiet: bool) -> dict[str, Any]:
         write_preference_texts(out / "preferences.parquet", texts)
         manifest = embed_texts(texts, out / "preference_embeddings.parquet", cfg.embed, cfg.ray,
                                spec=TextTable(("user_id", "slot"), "text"))
+        st.skipped = manifest["embedded_now"] == 0
         st.rows = manifest["embedded_now"]
         st.extra = {"reused": manifest["reused"]}
     return manifest

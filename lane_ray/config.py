@@ -91,6 +91,11 @@ class DataConfig(_Section):
     max_users: int | None = Field(
         None, ge=1, description="Keep only the first N users by id (quick runs); unset = all users."
     )
+    keep_cold_items: bool = Field(
+        False,
+        description="Keep catalogue items nobody interacted with (cold items: title-based variants can rank "
+        "them; they are embedded and scored like any other). Off: they are dropped and counted.",
+    )
 
 
 class SynthConfig(_Section):

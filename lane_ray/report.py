@@ -107,8 +107,9 @@ def timings_section(run: Path, out: Path) -> list[str]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, max(3, 0.3 * len(names) + 1)))
     a1.barh(names, [doc[n].get("seconds") or 0 for n in names])
     a1.set(title="wall seconds")
-    a2.barh(names, [doc[n].get("peak_rss_mb") or 0 for n in names], color="tab:orange")
-    a2.set(title="peak RSS (MB)")
+    a2.barh(names, [doc[n].get("peak_tree_rss_mb") or doc[n].get("peak_rss_mb") or 0 for n in names],
+             color="tab:orange")
+    a2.set(title="peak memory, driver + local Ray processes (MB)")
     a2.set_yticks([])
     a1.invert_yaxis()
     a2.invert_yaxis()
@@ -117,10 +118,14 @@ def timings_section(run: Path, out: Path) -> list[str]:
     for n in names:
         t = doc[n]
         rate = next((f"{k} {v:.1f}" for k, v in t.items() if k.endswith("_per_s") and v), "")
-        rows.append(f"| {n} | {t.get('seconds', 0):.2f} | {t.get('peak_rss_mb', 0):.0f} | {t.get('rows', '')} | "
-                    f"{rate} |")
-    return lines + ["![timings](timings.png)", "", "| stage | seconds | peak RSS MB | rows | throughput |",
-                    "|---|---|---|---|---|", *rows, ""]
+        tree = t.get("peak_tree_rss_mb")
+        rows.append(f"| {n} | {t.get('seconds', 0):.2f} | {t.get('peak_rss_mb', 0):.0f} | "
+                    f"{'' if tree is None else f'{tree:.0f}'} | {t.get('rows', '')} | {rate} |")
+    return lines + ["![timings](timings.png)", "", "Peak memory: the driver's RSS, and the driver with the processes "
+                    "of the local Ray cluster it started (private memory of each plus the largest shared mapping "
+                    "once; blank when the stage ran on a remote cluster or before this was recorded).", "",
+                    "| stage | seconds | driver peak RSS MB | driver + Ray peak MB | rows | throughput |",
+                    "|---|---|---|---|---|---|", *rows, ""]
 
 
 def attention_section(run: Path, out: Path, users: int = 10) -> list[str]:

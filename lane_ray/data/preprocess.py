@@ -197,7 +197,8 @@ def prepare(raw: RawDataset, cfg: DataConfig, default_kcore: tuple[int, int] = (
 
     used = pc.is_in(cat["item_id"], value_set=pc.unique(inter["item_id"]))
     report["catalog_items_without_interactions"] = int(cat.num_rows - pc.sum(used).as_py())
-    cat = cat.filter(used)
+    if not cfg.keep_cold_items:
+        cat = cat.filter(used)
     cat = cat.take(pc.sort_indices(cat, [("item_id", "ascending")]))
 
     user_ids = raw.user_ids

@@ -91,6 +91,17 @@ def test_counts_every_removal_and_orders_with_stable_ties():
     assert s["seq_len"]["min"] == 3
 
 
+def test_keep_cold_items_keeps_uninteracted_catalogue_items():
+    rows = [(1, 10, 1), (1, 11, 2), (1, 12, 3)]
+    titles = {10: "Alpha", 11: "Beta", 12: "Gamma", 14: "Unused"}
+    dropped = prepare(raw(rows, titles), DataConfig())
+    kept = prepare(raw(rows, titles), DataConfig(keep_cold_items=True))
+    assert dropped.catalog["item_id"].to_pylist() == [10, 11, 12]
+    assert kept.catalog["item_id"].to_pylist() == [10, 11, 12, 14]
+    assert kept.report["catalog_items_without_interactions"] == 1
+    assert kept.interactions.num_rows == dropped.interactions.num_rows == 3
+
+
 def test_empty_title_placeholder_keeps_the_item():
     rows = [(1, 1, 1), (1, 2, 2), (1, 3, 3)]
     p = prepare(raw(rows, {1: "A", 2: "", 3: "C"}), DataConfig(empty_titles="placeholder"))

@@ -27,7 +27,8 @@ def run(tmp_path: Path) -> Path:
         "sasrec/id/seed0": _metrics(0.0812), "sasrec/lane/seed0": _metrics(0.0934),
         "faithfulness": {"sasrec/lane/seed0": {"users": 9, "top_hurts_more": 0.6667}}}))
     (run / "timings.json").write_text(json.dumps({
-        "embed_catalog": {"seconds": 12.5, "peak_rss_mb": 812.0, "rows": 1682, "titles_per_s": 134.6},
+        "embed_catalog": {"seconds": 12.5, "peak_rss_mb": 812.0, "peak_tree_rss_mb": 2048.0, "rows": 1682,
+                          "titles_per_s": 134.6},
         "train sasrec/lane/seed0": {"seconds": 40.25, "peak_rss_mb": 900.0, "rows": None}}))
     (run / "curves" / "sasrec-lane-seed0.json").write_text(json.dumps({
         "name": "sasrec-lane-seed0", "epochs": 2, "best_epoch": 1, "seconds_per_epoch": 1.75,
@@ -62,7 +63,7 @@ def test_report_numbers_come_from_the_artifacts_and_plots_open(run, capsys):
     assert path == run / "report" / "report.md"
     text = path.read_text()
     for needle in ("0.0812", "0.0934", "0.4670", "0.667", "sasrec-lane-seed0 | 2 | 1 | 0.0777 | 1.75",
-                   "embed_catalog | 12.50 | 812 | 1682 | titles_per_s 134.6",
+                   "embed_catalog | 12.50 | 812 | 2048 | 1682 | titles_per_s 134.6",
                    "| 1 | 10 | tense thrillers (0.70) | Because you love tense thrillers. |",
                    "| 2 | 12 | space operas (0.75) | _not explained", "names_target | 0.500 | 1 / 2",
                    "source: llm 1, template 1"):
