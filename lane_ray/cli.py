@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("status", help="progress of a `lane run` (stages, their progress, ETA) from RUN/progress.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--json", action="store_true", help="print the progress document as one JSON line")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until the run ends")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("index", help="build the serving app's ANN index (faiss) of a checkpoint's item table")
     _common(p)
     p.add_argument("--run", metavar="DIR", default="runs/default", help="run directory (default runs/default)")
@@ -205,7 +211,12 @@ def _config(args: argparse.Namespace, **flags: Any):
         values["data.format"] = args.format
     if getattr(args, "out", None) is not None and not args.out.endswith(".parquet"):
         values["run.out"] = args.out
-    return load_config(args.config, args.overrides, values)
+    cfg = load_config(args.config, args.overrides, values)
+    from lane_ray.storage import is_uri, open_run
+
+    if is_uri(cfg.run.out):  # s3:// / gs://: work in a local staging folder kept in sync with it
+        cfg.run.out = open_run(cfg.run.out, cfg.run.stage_dir)
+    return cfg
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -274,7 +285,12 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _embed_paths(out: str | None, catalog: str | None, run_out: str) -> tuple[Path, Path]:
-    """``--out`` is the embeddings path when it ends in .parquet, else the run directory."""
+    """``--out`` is the embeddings path when it ends in .parquet, else the run directory (``run_out``: the staged
+    folder when ``--out`` is a URI)."""
+    from lane_ray.storage import is_uri
+
+    if is_uri(out):
+        out = run_out
     if out is not None and out.endswith(".parquet"):
         dest = Path(out)
         run_dir = dest.parent
@@ -373,11 +389,30 @@ def cmd_preferences(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def _explain(cfg, candidates: Path, quiet: bool) -> dict[str, Any]:
+    """Explanations of the candidates' top ranks (``explain`` section) into the run directory, cached."""
+    from lane_ray.llm import backend_kwargs, model_identity
     from lane_ray.pipeline.cluster import init_ray
     from lane_ray.pipeline.explain import load_requests, run_explanations, settings_from_config
     from lane_ray.progress import Stage
 
+    out, ec = Path(cfg.run.out), cfg.explain
+    settings = settings_from_config(cfg)
+    with Stage("explain", out, quiet=quiet) as st:
+        requests = load_requests(out, candidates, ec.top_k, ec.max_users)
+        kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
+        _share_cores(cfg, kwargs, {"CPU": float(os.cpu_count() or 1)}, ec.max_actors, 0.0)
+        m = run_explanations(requests, out / "explanations.parquet", out / "explanation_checks.json",
+                             cfg.llm.backend, kwargs, settings, model_id, ec.batch_size, ec.max_actors,
+                             ec.cpus_per_actor, ec.gpus_per_actor, not_copied_threshold=ec.not_copied_threshold,
+                             connect=lambda: init_ray(cfg.ray), niceness=ec.actor_niceness)
+        st.skipped = m["explained_now"] == 0
+        st.rows = m["explained_now"]
+        st.extra = {k: m[k] for k in ("tokens_per_s", "explanations_per_s", "source") if k in m}
+    return m
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
     # flags beat --set beats --config beats defaults; pydantic validates them all (one-line ConfigError)
     cfg = _config(args, **{
         "explain.top_k": args.top_k, "explain.max_users": args.max_users, "explain.batch_size": args.batch_size,
@@ -387,20 +422,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "explain.not_copied_threshold": args.not_copied_threshold, "explain.max_actors": args.actors,
         "explain.cpus_per_actor": args.cpus_per_actor, "explain.gpus_per_actor": args.gpus_per_actor})
     out = Path(cfg.run.out)
-    ec = cfg.explain
-    settings = settings_from_config(cfg)
-    with Stage("explain", out, quiet=args.quiet) as st:
-        requests = load_requests(out, Path(args.candidates), ec.top_k, ec.max_users)
-        from lane_ray.llm import backend_kwargs, model_identity
-
-        kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
-        _share_cores(cfg, kwargs, {"CPU": float(os.cpu_count() or 1)}, ec.max_actors, 0.0)
-        m = run_explanations(requests, out / "explanations.parquet", out / "explanation_checks.json",
-                             cfg.llm.backend, kwargs, settings, model_id, ec.batch_size, ec.max_actors,
-                             ec.cpus_per_actor, ec.gpus_per_actor, not_copied_threshold=ec.not_copied_threshold,
-                             connect=lambda: init_ray(cfg.ray), niceness=ec.actor_niceness)
-        st.rows = m["explained_now"]
-        st.extra = {k: m[k] for k in ("tokens_per_s", "explanations_per_s", "source") if k in m}
+    m = _explain(cfg, Path(args.candidates), args.quiet)
     rates = ", ".join(f"{k} {v:.0%}" for k, v in m["rates"].items() if v is not None)
     print(f"{out / 'explanations.parquet'}: {m['rows']} explanations ({m['explained_now']} now, {m['cached']} "
           f"cached); source {m['source']}; checks: {rates}")
@@ -431,7 +453,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "train.seed": getattr(args, "seed", None)}
 
 
-def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[str, Any]:
+def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False, feats=None) -> dict[str, Any]:
     from lane_ray.models import load_checkpoint
     from lane_ray.pipeline.train import (
         evaluate_model,
@@ -444,16 +466,23 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False) -> dict[st
     from lane_ray.progress import Stage
 
     tc, out = cfg.train, Path(cfg.run.out)
-    feats = _train_features(cfg, [tc.variant], quiet)
+    if feats is None:
+        feats = _train_features(cfg, [tc.variant], quiet)
     key = metrics_key(tc.backbone, tc.variant, tc.seed)
     fingerprint = training_fingerprint(tc, out)
     if skip_current and (out / "metrics.json").exists():
         prev = json.loads((out / "metrics.json").read_text()).get(key, {})
         if prev.get("fingerprint") == fingerprint and Path(prev.get("checkpoint", "")).joinpath("config.json").exists():
-            with Stage(f"train_{tc.backbone}_{tc.variant}", out, quiet=quiet) as st:
-                st.skipped = True
+            for name in (f"train_{tc.backbone}_{tc.variant}", f"evaluate_{tc.backbone}_{tc.variant}"):
+                with Stage(name, out, quiet=quiet) as st:
+                    st.skipped = True
             return prev
     with Stage(f"train_{tc.backbone}_{tc.variant}", out, quiet=quiet) as st:
+        from lane_ray.pipeline.train import run_name
+        from lane_ray.progress import NewEntries, expect
+
+        # one Ray Train checkpoint per epoch (early stopping may end it sooner)
+        expect(tc.epochs, NewEntries(out / "ray_train" / run_name(tc), "checkpoint_*", rows=False), "epochs")
         summary = train_variant(tc, cfg.ray, out, feats, quiet=quiet)
         st.rows = feats.split.num_users
         st.extra = {"epochs": summary["epochs"], "seconds_per_epoch": summary["seconds_per_epoch"],
@@ -539,8 +568,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from lane_ray.report import write_run_report
+    from lane_ray.storage import open_run
 
-    print(write_run_report(args.run_dir, args.out))
+    print(write_run_report(open_run(args.run_dir), args.out))
     return 0
 
 
@@ -664,28 +694,44 @@ def cmd_experiment_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_STAGES = ["data", "embed_catalog", "preferences", "embed_preferences", "train_sasrec_id", "evaluate_sasrec_id",
+              "train_sasrec_lane", "evaluate_sasrec_lane", "explain", "report"]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """The whole pipeline on one run directory; each stage is skipped when its output is current."""
-    from lane_ray.progress import log
+    """The whole pipeline on one run directory; each stage is skipped when its output is current. Progress of
+    every stage is shown in one view (stderr, RUN/progress.json, `lane status RUN`)."""
+    from lane_ray.config import dump_config
+    from lane_ray.io import atomic_open
+    from lane_ray.progress import RunProgress, Stage, log
+    from lane_ray.report import write_run_report
+    from lane_ray.train.features import load_features
 
     cfg = _config(args)
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    from lane_ray.config import dump_config
-
-    (out / "config.yaml").write_text(dump_config(cfg))
-    summary = _prepare(cfg, args.quiet, force=args.force)
-    catalog, dest = _embed_paths(str(out), None, cfg.run.out)
-    _embed(cfg, catalog, dest, args.quiet, out)
-    _preferences(cfg, args.quiet)
-    # the two SASRec variants the pipeline trains: the ID baseline and LANE (skipped when current)
-    for variant in ("id", "lane"):
-        vcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"variant": variant,
-                                                                             "backbone": "sasrec"})})
-        _train_and_evaluate(vcfg, args.quiet, skip_current=not args.force)
-    from lane_ray.report import write_run_report
-
-    report = write_run_report(out)
+    with atomic_open(out / "config.yaml") as fh:
+        fh.write(dump_config(cfg))
+    plan = [s for s in RUN_STAGES if s != "explain" or cfg.run.explain_users]
+    if not cfg.preferences.embed:
+        plan.remove("embed_preferences")
+    with RunProgress(out, plan):
+        summary = _prepare(cfg, args.quiet, force=args.force)
+        catalog, dest = _embed_paths(str(out), None, cfg.run.out)
+        _embed(cfg, catalog, dest, args.quiet, out)
+        _preferences(cfg, args.quiet)
+        feats = load_features(out, titles=True, preferences=True, m=cfg.train.m)
+        # the two SASRec variants the pipeline trains: the ID baseline and LANE (skipped when current)
+        for variant in ("id", "lane"):
+            vcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"variant": variant,
+                                                                                 "backbone": "sasrec"})})
+            _train_and_evaluate(vcfg, args.quiet, skip_current=not args.force, feats=feats)
+        if cfg.run.explain_users:
+            ecfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(
+                update={"max_users": cfg.run.explain_users})})
+            _explain(ecfg, out / "candidates.parquet", args.quiet)
+        with Stage("report", out, quiet=args.quiet):
+            report = write_run_report(out)
     s = summary["stats"]
     if not args.quiet:
         log(f"run complete: {out} ({s['users']} users, {s['items']} items, {s['interactions']} interactions); "
@@ -695,11 +741,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a run directory's progress view (RUN/progress.json), once or every --watch seconds."""
+    import time
+
+    from lane_ray.progress import format_progress
+    from lane_ray.storage import join_uri, read_text, redact
+
+    path = join_uri(args.run_dir, "progress.json")
+    while True:
+        try:
+            doc = json.loads(read_text(path))
+        except FileNotFoundError:
+            raise LaneError(f"{redact(path)}: no progress file; is this a run directory of `lane run`?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LaneError(f"{redact(path)}: not a progress file ({exc})") from None
+        if not isinstance(doc, dict):
+            raise LaneError(f"{redact(path)}: not a progress file (a JSON {type(doc).__name__})")
+        if args.json:
+            print(json.dumps(doc))
+        else:
+            print(format_progress(doc), flush=True)
+        if not args.watch or doc.get("state") != "running":
+            return 0
+        time.sleep(args.watch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from lane_ray.storage import close_all
+
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            close_all()  # a run directory on s3:// / gs:// gets what this command finished, also when it failed
     except LaneError as exc:
         print(f"lane: error: {exc}", file=sys.stderr)
         return 2

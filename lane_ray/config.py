@@ -128,6 +128,9 @@ class RayConfig(_Section):
         description="Object store size of a locally started cluster in MiB (null = Ray's default, 30 % of RAM).",
     )
     temp_dir: str | None = Field(None, description="Session directory of a locally started cluster (unset = /tmp/ray).")
+    data_progress_bars: bool = Field(
+        False, description="Ray Data's own per-dataset progress bars; off by default: every stage reports its "
+        "progress in lane's one view (stderr lines and RUN/progress.json, `lane status`).")
     worker_niceness: int | None = Field(
         None, ge=0, le=19,
         description="Nice value of the workers of a locally started cluster (unset = Ray's default, 15). Stages "
@@ -389,8 +392,15 @@ class ServeConfig(_Section):
 class RunConfig(_Section):
     """Where a run writes and how it is seeded."""
 
-    out: str = Field("runs/default", description="The run directory every stage writes into.")
+    out: str = Field("runs/default", description="The run directory every stage writes into: a local folder, or "
+                     "a pyarrow filesystem URI (s3://bucket/path, gs://bucket/path, file:///path) that is staged "
+                     "in `stage_dir` and pushed back after every stage.")
+    stage_dir: str | None = Field(None, description="Local staging folder of a run directory given as a URI (unset "
+                                  "= $LANE_STAGE_DIR or ~/.cache/lane_ray/stage, one subfolder per URI).")
     seed: int = Field(0, description="Global random seed.")
+    explain_users: int = Field(
+        4, ge=0, description="`lane run`: users (the first N by id of candidates.parquet) whose top explain.top_k "
+        "recommendations are explained before the report; 0 skips the stage.")
 
 
 class LaneConfig(_Section):

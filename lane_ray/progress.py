@@ -9,6 +9,7 @@ every Ray process of the node; see :class:`RssSampler`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -75,8 +76,117 @@ def log(msg: str) -> None:
     print(f"[lane] {msg}", file=sys.stderr, flush=True)
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_interval() -> float:
+    """Seconds between progress lines of a running stage (``$LANE_PROGRESS_INTERVAL``, default 30)."""
+    try:
+        return max(0.1, float(os.environ.get("LANE_PROGRESS_INTERVAL", "30")))
+    except ValueError:
+        return 30.0
+
+
+class NewEntries:
+    """Counts what appeared in a folder since it was created: rows of new ``part-*.parquet`` files (the atomic
+    parts every Ray Data stage writes; a part is renamed into place whole, so a listed part is complete), or
+    new entries matching a pattern (``checkpoint_*`` of Ray Train: one per epoch)."""
+
+    def __init__(self, folder: str | Path, pattern: str = "part-*.parquet", rows: bool = True) -> None:
+        self.folder, self.pattern, self.rows = Path(folder), pattern, rows
+        self._before = self._names()
+        self._seen: dict[str, int] = {}
+
+    def _names(self) -> set[str]:
+        try:
+            return {p.name for p in self.folder.glob(self.pattern)}
+        except OSError:
+            return set()
+
+    def __call__(self) -> int:
+        import pyarrow.parquet as pq
+
+        for name in self._names() - self._before - set(self._seen):
+            try:
+                self._seen[name] = pq.read_metadata(self.folder / name).num_rows if self.rows else 1
+            except (OSError, ValueError):  # removed by a compaction in between, or still being renamed
+                continue
+        return sum(self._seen.values())
+
+
+class RunProgress:
+    """One progress view over the stages of a pipeline run: which stage of how many is running, its own
+    progress (rows, users, epochs) with rate and ETA, and the run's elapsed time, logged and kept in
+    ``<run_dir>/progress.json`` (read by ``lane status RUN_DIR``, also while a cluster job runs).
+
+    Used as a context manager around the run; :class:`Stage` objects entered meanwhile report into it."""
+
+    def __init__(self, run_dir: str | Path, plan: list[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.plan = list(plan)
+        self.states: dict[str, dict[str, Any]] = {n: {"name": n, "state": "pending"} for n in self.plan}
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self.state = "running"
+
+    def __enter__(self) -> RunProgress:
+        _RUNS.append(self)
+        self.write()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        _RUNS.remove(self)
+        self.state = "done" if et is None else ("interrupted" if et is KeyboardInterrupt else "failed")
+        self.write()
+
+    def position(self, name: str) -> str:
+        if name in self.plan:
+            return f"[{self.plan.index(name) + 1}/{len(self.plan)}] "
+        return ""
+
+    def update(self, name: str, **fields: Any) -> None:
+        with self._lock:
+            if name not in self.states:  # a stage outside the plan (an extra variant): shown after the plan
+                self.plan.append(name)
+                self.states[name] = {"name": name, "state": "pending"}
+            self.states[name].update(fields)
+        self.write()
+
+    def write(self) -> None:
+        with self._lock:
+            doc = {"run_dir": str(self.run_dir), "state": self.state, "started_at": self.started,
+                   "updated_at": time.time(), "elapsed_s": round(time.time() - self.started, 1),
+                   "stages": [dict(self.states[n]) for n in self.plan]}
+        try:
+            write_json(self.run_dir / "progress.json", doc)
+            from lane_ray.storage import push_file
+
+            push_file(self.run_dir / "progress.json")  # a run on s3:// / gs:// shows its progress there too
+        except OSError:  # the view is best-effort: never fail a run because it could not be written
+            pass
+
+    def elapsed(self) -> str:
+        return _clock(time.time() - self.started)
+
+
+_RUNS: list[RunProgress] = []
+_STAGES: list[Stage] = []
+
+
+def expect(total: int, counter: Any, unit: str) -> None:
+    """Tell the running :class:`Stage` (if any) how much work it has (``total`` ``unit``) and how to count what is
+    done (``counter()``, e.g. a :class:`NewEntries`): it then logs progress with rate and ETA every
+    :func:`progress_interval` seconds and keeps ``progress.json`` current. A no-op outside a Stage."""
+    if _STAGES and total > 0:
+        _STAGES[-1].watch(total, counter, unit)
+
+
 class Stage:
-    """Times a pipeline stage, samples its peak memory and records both in ``timings.json``."""
+    """Times a pipeline stage, samples its peak memory and records both in ``timings.json``; inside a
+    :class:`RunProgress` it also reports its position, state and progress there."""
 
     def __init__(self, name: str, run_dir: str | Path | None = None, quiet: bool = False) -> None:
         self.name = name
@@ -87,31 +197,96 @@ class Stage:
         self.extra: dict[str, Any] = {}
         self._sampler = RssSampler()
         self._tree = RssSampler(interval=0.5, children=True)
+        self._run = _RUNS[-1] if _RUNS else None
+        self._prefix = self._run.position(name) if self._run else ""
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _log(self, msg: str) -> None:
+        if not self.quiet:
+            suffix = f" (run {self._run.elapsed()})" if self._run else ""
+            log(f"{self._prefix}{self.name}: {msg}{suffix}")
 
     def __enter__(self) -> Stage:
-        if not self.quiet:
-            log(f"{self.name}: started")
+        self._log("started")
         self._t0 = time.perf_counter()
+        _STAGES.append(self)
+        if self._run:
+            self._run.update(self.name, state="running", started_at=time.time())
         self._sampler.__enter__()
         self._tree.__enter__()
         return self
 
+    def watch(self, total: int, counter: Any, unit: str) -> None:
+        """Report ``counter()`` of ``total`` ``unit`` every :func:`progress_interval` seconds until the stage ends."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        self._stop = threading.Event()
+        if self._run:
+            self._run.update(self.name, done=0, total=total, unit=unit)
+        self._ticker = threading.Thread(target=self._tick, args=(total, counter, unit, self._stop), daemon=True)
+        self._ticker.start()
+
+    def _tick(self, total: int, counter: Any, unit: str, stop: threading.Event) -> None:
+        t0 = time.perf_counter()
+        while not stop.wait(progress_interval()):
+            try:
+                done = int(counter())
+            except Exception:  # noqa: BLE001 - progress is best-effort; the stage itself reports real errors
+                continue
+            dt = time.perf_counter() - t0
+            rate = done / dt if dt > 0 else 0.0
+            eta = f", ETA {_clock((total - done) / rate)}" if 0 < rate and done < total else ""
+            self._log(f"{done:,}/{total:,} {unit} ({100 * done / total:.1f}%), {rate:,.1f} {unit}/s{eta}")
+            if self._run:
+                self._run.update(self.name, done=done, total=total, unit=unit, rate_per_s=round(rate, 2))
+
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        _STAGES.remove(self)
         self._sampler.__exit__()
         self._tree.__exit__()
         self.seconds = round(time.perf_counter() - self._t0, 3)
+        tree = max(self._tree.peak_mb, self._sampler.peak_mb)  # the tree sampler is slower: it may miss a peak
         if et is not None:
-            if not self.quiet:
-                log(f"{self.name}: failed after {self.seconds:.1f}s")
+            self._log(f"failed after {self.seconds:.1f}s")
+            if self._run:
+                self._run.update(self.name, state="interrupted" if et is KeyboardInterrupt else "failed",
+                                 seconds=self.seconds, error=str(ev)[:300] if ev is not None else None)
             return
-        if not self.quiet:
-            what = "skipped (output is current)" if self.skipped else "done"
-            rows = f", {self.rows:,} rows" if self.rows is not None else ""
-            log(f"{self.name}: {what} in {self.seconds:.1f}s{rows}, peak RSS {self._sampler.peak_mb:.0f} MB")
+        what = "skipped (output is current)" if self.skipped else "done"
+        rows = f", {self.rows:,} rows" if self.rows is not None else ""
+        self._log(f"{what} in {self.seconds:.1f}s{rows}, peak RSS {self._sampler.peak_mb:.0f} MB")
+        if self._run:
+            self._run.update(self.name, state="skipped" if self.skipped else "done", seconds=self.seconds,
+                             rows=self.rows)
         if self.run_dir is not None and not self.skipped:
             path = self.run_dir / "timings.json"
             timings = json.loads(path.read_text()) if path.exists() else {}
-            tree = max(self._tree.peak_mb, self._sampler.peak_mb)  # the tree sampler is slower: it may miss a peak
             timings[self.name] = {"seconds": self.seconds, "peak_rss_mb": self._sampler.peak_mb,
                                   "peak_tree_rss_mb": tree, "rows": self.rows, **self.extra}
             write_json(path, timings)
+        from lane_ray.storage import push_all
+
+        push_all()  # a run staged from s3:// / gs:// keeps the remote current after every finished stage
+
+
+def format_progress(doc: dict[str, Any]) -> str:
+    """``progress.json`` as the table ``lane status`` prints."""
+    lines = [f"{doc.get('run_dir')}: {doc.get('state')}, elapsed {_clock(doc.get('elapsed_s', 0))}"
+             + ("" if doc.get("state") != "running" else
+                f", last update {_clock(time.time() - doc.get('updated_at', time.time()))} ago")]
+    for i, st in enumerate(doc.get("stages", []), 1):
+        detail = ""
+        if st.get("total"):
+            done = st.get("done", 0)
+            detail = f"{done:,}/{st['total']:,} {st.get('unit', '')} ({100 * done / st['total']:.0f}%)"
+        if st.get("seconds") is not None:
+            detail = (detail + ", " if detail else "") + f"{st['seconds']:.1f}s"
+        if st.get("error"):
+            detail += f": {st['error']}"
+        lines.append(f"  {i:>2}. {st['name']:<24} {st.get('state', '?'):<11} {detail}".rstrip())
+    return "\n".join(lines)

@@ -33,6 +33,9 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         res = ray.cluster_resources()
         log(f"ray: {'connected to ' + address if address else 'local cluster'} "
             f"({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)")
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = cfg.data_progress_bars
     return dict(ray.cluster_resources())
 
 

@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 from lane_ray.config import EmbedConfig, RayConfig
 from lane_ray.errors import DataError
 from lane_ray.io import parquet_files, write_json, write_parquet
-from lane_ray.pipeline.sink import PART_PREFIX, make_part_sink
-from lane_ray.progress import RssSampler, log
+from lane_ray.pipeline.sink import PART_PREFIX, finish_parts, make_part_sink
+from lane_ray.progress import NewEntries, RssSampler, expect, log
 from lane_ray.text.rows import batch_keys, clean_texts, id64, key64
 
 ENCODER_META = b"lane.encoder"
@@ -267,6 +267,7 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, todo: np.ndarray, row
                                "niceness": cfg.actor_niceness},
     )
     ds.write_datasink(make_part_sink(out, {ENCODER_META: enc_id.encode(), DIM_META: str(dim).encode()}))
+    finish_parts(out)
     return {"seconds": round(time.perf_counter() - t0, 3), "actors_max": pool["max"], "threads": pool["threads"],
             "use_gpu": pool["use_gpu"], "blocks": n_blocks}
 
@@ -325,6 +326,7 @@ def embed_texts(input_path: str | Path, out_path: str | Path, cfg: EmbedConfig, 
         run: dict[str, Any] = {"seconds": 0.0}
         dim = _model_dim(cfg.model)
         if p.todo.size:
+            expect(int(p.todo.size), NewEntries(out), "texts")
             run = _run_ray(input_path, out, spec, p.todo, p.rows, cfg, ray_cfg, enc_id, dim)
         comp = compact(out, spec, p.current)
     rows_out = sum(pq.read_metadata(f).num_rows for f in out.glob(f"{PART_PREFIX}*.parquet"))

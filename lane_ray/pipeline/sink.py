@@ -28,10 +28,35 @@ def write_part(out: Path, table: pa.Table, metadata: dict[bytes, bytes] | None =
     return out / name
 
 
+def write_part_uri(uri: str, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> str:
+    """:func:`write_part` into a folder given by a pyarrow filesystem URI (``s3://``, ``gs://``, ...): written
+    to a temporary object, then moved to its name (an object store creates the final object in one step)."""
+    from lane_ray.storage import resolve_uri
+
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    fs, root = resolve_uri(uri)
+    name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+    fs.create_dir(root, recursive=True)
+    tmp = f"{root.rstrip('/')}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as fh:
+        pq.write_table(table, fh)
+    fs.move(tmp, f"{root.rstrip('/')}/{name}")
+    from lane_ray.storage import join_uri
+
+    return join_uri(uri, name)
+
+
 def make_part_sink(out: Path, metadata: dict[bytes, bytes] | None = None) -> Any:
-    """A Ray Data ``Datasink`` writing each block as one part file (whole or not at all)."""
+    """A Ray Data ``Datasink`` writing each block as one part file (whole or not at all): into ``out``, or, when
+    the run is staged from a remote directory, straight into its remote folder (workers on other nodes cannot
+    see the driver's disk; :func:`finish_parts` copies them into ``out`` afterwards)."""
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
+
+    from lane_ray.storage import remote_dir
+
+    remote = remote_dir(out)
 
     class AtomicPartSink(Datasink):
         def write(self, blocks: Iterable[Any], ctx: Any) -> int:
@@ -39,11 +64,21 @@ def make_part_sink(out: Path, metadata: dict[bytes, bytes] | None = None) -> Any
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
                 if table.num_rows:
-                    write_part(out, table, metadata)
+                    if remote is not None:
+                        write_part_uri(remote, table, metadata)
+                    else:
+                        write_part(out, table, metadata)
                     rows += table.num_rows
             return rows
 
     return AtomicPartSink()
+
+
+def finish_parts(out: Path) -> None:
+    """After a dataset was written through :func:`make_part_sink`: bring parts written remotely into ``out``."""
+    from lane_ray.storage import pull_dir
+
+    pull_dir(out)
 
 
 def map_to_parts(table: pa.Table, worker_cls: type, ctor_kwargs: dict[str, Any], out: Path, batch_size: int,
@@ -60,6 +95,7 @@ def map_to_parts(table: pa.Table, worker_cls: type, ctor_kwargs: dict[str, Any],
         ds = ds.map_batches(worker_cls, batch_format="pyarrow", batch_size=batch_size, concurrency=(1, actors),
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, fn_constructor_kwargs=ctor_kwargs)
         ds.write_datasink(make_part_sink(out))
+        finish_parts(out)
         return
     worker = worker or worker_cls(**ctor_kwargs)
     for start in range(0, table.num_rows, batch_size):

@@ -170,7 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
 
-def build_trainer(tc: TrainConfig, features_ref: Any, num_users: int, storage: Path, name: str,
+def build_trainer(tc: TrainConfig, features_ref: Any, num_users: int, storage: Path | str, name: str,
                   resources: dict[str, float], fail_at_epoch: int | None = None):
     """A ``TorchTrainer`` for one variant. ``features_ref`` is an object ref of :class:`Features` (workers on
     other nodes get it from the object store); its ``num_users`` train rows are sharded through a Ray Data
@@ -190,7 +190,7 @@ def build_trainer(tc: TrainConfig, features_ref: Any, num_users: int, storage: P
         # blocks built in the driver: no read task has to find a CPU next to the train workers (on a 2-CPU node
         # two workers hold them all and a ReadRange task would wait forever)
         datasets={"train": ray.data.from_numpy(np.arange(num_users, dtype=np.int64))},
-        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+        run_config=RunConfig(name=name, storage_path=storage if isinstance(storage, str) else str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
@@ -209,10 +209,18 @@ def train_variant(tc: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, fai
     if need > resources.get("CPU", 0):
         raise LaneError(f"train: {tc.num_workers} workers x {tc.cpus_per_worker} CPU need {need:g} CPUs; the "
                         f"cluster has {resources.get('CPU', 0):g} (lower train.cpus_per_worker or num_workers)")
+    from lane_ray.storage import remote_dir, resolve_uri
+
     name = run_name(tc)
-    storage = run_dir / "ray_train"
-    if (storage / name).exists():
-        shutil.rmtree(storage / name)  # a fresh run; resuming after failures happens inside one fit()
+    storage: Path | str = run_dir / "ray_train"
+    remote = remote_dir(storage)
+    if remote is not None:  # a run directory on s3:// / gs://: Ray Train checkpoints there itself
+        fs, root = resolve_uri(f"{remote}/{name}")
+        if fs.get_file_info(root).type.name != "NotFound":
+            fs.delete_dir(root)
+        storage = remote
+    elif (run_dir / "ray_train" / name).exists():
+        shutil.rmtree(run_dir / "ray_train" / name)  # a fresh run; resuming after failures happens inside one fit()
     t0 = time.perf_counter()
     result = build_trainer(tc, ray.put(feats), feats.split.num_users, storage, name, resources,
                            fail_at_epoch).fit()

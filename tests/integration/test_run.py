@@ -15,10 +15,16 @@ def run(capsys, *argv):
 
 def test_run_skips_current_stage_and_redoes_on_change(ray_cluster, capsys, ml100k_dir, run_dir):
     args = ["run", "--dataset", str(ml100k_dir), "--out", str(run_dir), "--set", "train.epochs=2",
-            "--set", "train.threads_per_worker=1"]
-    assert run(capsys, *args)[0] == 0
+            "--set", "train.threads_per_worker=1", "--set", "run.explain_users=1", "--set", "explain.top_k=1"]
+    rc, _, err = run(capsys, *args)
+    assert rc == 0 and "[1/10] data: started" in err and "[9/10] explain: done" in err
+    doc = json.loads((run_dir / "progress.json").read_text())
+    assert doc["state"] == "done" and [s["state"] for s in doc["stages"]] == ["done"] * 10
+    assert (run_dir / "explanations.parquet").exists()
     rc, out, err = run(capsys, *args)
     assert rc == 0 and "skipped (output is current)" in err
+    doc = json.loads((run_dir / "progress.json").read_text())
+    assert [s["state"] for s in doc["stages"]] == ["skipped"] * 9 + ["done"]  # only the report is rewritten
     assert out.split() == [str(run_dir), str(run_dir / "report" / "report.md")]
     report = (run_dir / "report" / "report.md").read_text()
     assert "sasrec | lane" in report and (run_dir / "report" / "attention.png").exists()
@@ -27,7 +33,8 @@ def test_run_skips_current_stage_and_redoes_on_change(ray_cluster, capsys, ml100
     assert json.loads((run_dir / "data" / "prepare.json").read_text())["stats"]["users"] == 2
     assert (run_dir / "item_embeddings.parquet" / "_manifest.json").exists()
     timings = json.loads((run_dir / "timings.json").read_text())
-    assert {"data", "embed_catalog", "train_sasrec_id", "train_sasrec_lane"} <= set(timings)
+    assert {"data", "embed_catalog", "train_sasrec_id", "train_sasrec_lane", "explain", "report"} <= set(timings)
+    assert all(t["peak_tree_rss_mb"] >= t["peak_rss_mb"] for t in timings.values())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["sasrec/id/seed0"]["epochs"] == 2 and metrics["sasrec/lane/seed0"]["epochs"] == 2
     assert "faithfulness" in metrics

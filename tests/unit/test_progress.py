@@ -1,0 +1,110 @@
+"""The one progress view of a run: stage positions, in-stage progress from the parts a stage writes, progress.json
+and `lane status` (no Ray: stages here are plain code writing part files)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from lane_ray.cli import main
+from lane_ray.pipeline.sink import write_part
+from lane_ray.progress import NewEntries, RunProgress, Stage, expect, format_progress
+
+
+@pytest.fixture(autouse=True)
+def fast_ticks(monkeypatch):
+    monkeypatch.setenv("LANE_PROGRESS_INTERVAL", "0.05")
+
+
+def parts(folder, n, rows=5):
+    for _ in range(n):
+        write_part(folder, pa.table({"x": list(range(rows))}))
+
+
+def test_new_entries_counts_rows_of_new_parts_only(tmp_path):
+    parts(tmp_path, 2)  # written before: reused rows are not progress
+    count = NewEntries(tmp_path)
+    assert count() == 0
+    parts(tmp_path, 3, rows=4)
+    (tmp_path / ".part-unfinished.parquet.tmp").write_bytes(b"partial")  # a write in flight is not counted
+    assert count() == 12
+    ckpts = NewEntries(tmp_path, "checkpoint_*", rows=False)
+    (tmp_path / "checkpoint_2026-01-01").mkdir()
+    (tmp_path / "checkpoint_2026-01-02").mkdir()
+    assert ckpts() == 2
+
+
+def test_run_progress_numbers_stages_reports_work_and_records_states(tmp_path, capsys):
+    out = tmp_path / "emb"
+    out.mkdir()
+    with RunProgress(tmp_path, ["data", "embed", "train", "report"]) as run:
+        with Stage("data", tmp_path) as st:
+            st.skipped = True
+        with Stage("embed", tmp_path) as st:
+            expect(20, NewEntries(out), "texts")
+
+            def writer():
+                for _ in range(4):
+                    parts(out, 1)
+                    time.sleep(0.06)
+
+            t = threading.Thread(target=writer)
+            t.start()
+            t.join()
+            time.sleep(0.2)
+            st.rows = 20
+            mid = json.loads((tmp_path / "progress.json").read_text())
+        with pytest.raises(RuntimeError), Stage("train", tmp_path):
+            raise RuntimeError("worker died")
+        assert run.state == "running"
+    err = capsys.readouterr().err
+    assert "[1/4] data: skipped (output is current)" in err
+    assert "[2/4] embed: started" in err
+    assert "[2/4] embed: 20/20 texts (100.0%)" in err  # the ticker saw every part land
+    assert "[3/4] train: failed after" in err and "(run 0m0" in err
+    doc = json.loads((tmp_path / "progress.json").read_text())
+    assert doc["state"] == "done"
+    states = {s["name"]: s for s in doc["stages"]}
+    assert [s["name"] for s in doc["stages"]] == ["data", "embed", "train", "report"]
+    assert states["data"]["state"] == "skipped"
+    assert states["embed"]["state"] == "done" and states["embed"]["done"] == 20 and states["embed"]["rows"] == 20
+    assert states["train"]["state"] == "failed" and states["train"]["error"] == "worker died"
+    assert states["report"]["state"] == "pending"
+    assert next(s for s in mid["stages"] if s["name"] == "embed")["state"] == "running"
+    text = format_progress(doc)
+    assert "embed" in text and "20/20 texts (100%)" in text and "failed" in text and ": worker died" in text
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings) == {"embed"}  # skipped and failed stages keep no timing
+    assert timings["embed"]["peak_tree_rss_mb"] >= timings["embed"]["peak_rss_mb"] > 0
+
+
+def test_expect_outside_a_stage_is_a_no_op(tmp_path):
+    expect(10, NewEntries(tmp_path), "rows")  # nothing to report into; must not raise or start threads
+    assert threading.active_count() >= 1
+
+
+def test_an_interrupted_run_says_so(tmp_path):
+    with pytest.raises(KeyboardInterrupt), RunProgress(tmp_path, ["a"]), Stage("a", tmp_path, quiet=True):
+        raise KeyboardInterrupt
+    doc = json.loads((tmp_path / "progress.json").read_text())
+    assert doc["state"] == "interrupted" and doc["stages"][0]["state"] == "interrupted"
+
+
+def test_lane_status_prints_the_view_and_refuses_what_is_not_a_run(tmp_path, capsys):
+    with RunProgress(tmp_path, ["data", "report"]), Stage("data", tmp_path, quiet=True) as st:
+        st.rows = 3
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"{tmp_path}: done, elapsed")
+    assert "1. data" in out and "done" in out and "2. report" in out and "pending" in out
+    assert main(["status", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][0]["rows"] == 3
+    assert main(["status", str(tmp_path / "nowhere")]) == 2
+    assert "no progress file" in capsys.readouterr().err
+    (tmp_path / "progress.json").write_text("{not json")
+    assert main(["status", str(tmp_path)]) == 2
+    assert "not a progress file" in capsys.readouterr().err
