@@ -96,22 +96,44 @@ class NewEntries:
     new entries matching a pattern (``checkpoint_*`` of Ray Train: one per epoch)."""
 
     def __init__(self, folder: str | Path, pattern: str = "part-*.parquet", rows: bool = True) -> None:
+        from lane_ray.storage import remote_dir
+
         self.folder, self.pattern, self.rows = Path(folder), pattern, rows
+        self.remote = remote_dir(folder)  # a run staged from s3:// / gs://: workers write there
         self._before = self._names()
         self._seen: dict[str, int] = {}
 
     def _names(self) -> set[str]:
         try:
-            return {p.name for p in self.folder.glob(self.pattern)}
+            if self.remote is None:
+                return {p.name for p in self.folder.glob(self.pattern)}
+            import fnmatch
+
+            import pyarrow.fs as pafs
+
+            from lane_ray.storage import resolve_uri
+
+            fs, root = resolve_uri(self.remote)
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            return {i.base_name for i in infos if fnmatch.fnmatch(i.base_name, self.pattern)}
         except OSError:
             return set()
 
-    def __call__(self) -> int:
+    def _rows(self, name: str) -> int:
         import pyarrow.parquet as pq
 
+        if self.remote is None:
+            return pq.read_metadata(self.folder / name).num_rows
+        from lane_ray.storage import join_uri, resolve_uri
+
+        fs, path = resolve_uri(join_uri(self.remote, name))
+        with fs.open_input_file(path) as fh:
+            return pq.read_metadata(fh).num_rows
+
+    def __call__(self) -> int:
         for name in self._names() - self._before - set(self._seen):
             try:
-                self._seen[name] = pq.read_metadata(self.folder / name).num_rows if self.rows else 1
+                self._seen[name] = self._rows(name) if self.rows else 1
             except (OSError, ValueError):  # removed by a compaction in between, or still being renamed
                 continue
         return sum(self._seen.values())

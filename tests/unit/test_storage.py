@@ -14,6 +14,7 @@ from lane_ray import storage
 from lane_ray.cli import main
 from lane_ray.errors import DataError
 from lane_ray.pipeline.sink import write_part_uri
+from lane_ray.progress import NewEntries
 from lane_ray.storage import RunStorage, is_uri, open_run, remote_dir
 
 
@@ -84,8 +85,10 @@ def test_worker_parts_go_to_the_remote_folder_of_a_staged_run(tmp_path, remote):
     out = tmp_path / "stage" / "item_embeddings.parquet"
     assert remote_dir(out) == f"{uri}/item_embeddings.parquet"
     assert remote_dir(tmp_path / "elsewhere") is None
+    progress = NewEntries(out)  # the progress view counts what workers wrote into the bucket
     written = write_part_uri(remote_dir(out), pa.table({"item_id": [1, 2]}))
     assert written.startswith(f"{uri}/item_embeddings.parquet/part-")
+    assert progress() == 2
     storage.pull_dir(out)
     assert [p.name.startswith("part-") for p in out.iterdir()] == [True]
 
