@@ -89,7 +89,17 @@ def _save_state(directory: Path, model, optimizer, state: dict[str, Any], best_s
         best.load_state_dict(best_state)
         save_checkpoint(best, directory / "best", {**meta, "epoch": state["best_epoch"],
                                                     "valid": state["best_valid"]})
-    torch.save({"optimizer": optimizer.state_dict(), **state}, directory / "train_state.pt")
+    # the RNG state too: a run resumed after a failure draws the same dropout masks as one never disturbed
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **state},
+               directory / "train_state.pt")
+
+
+def _die_after(batches: Any, n: int) -> Any:
+    """Yield ``n`` batches, then kill this process the hard way (a worker lost in the middle of an epoch)."""
+    for k, b in enumerate(batches):
+        if k == n:
+            os._exit(1)
+        yield b
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -121,9 +131,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model.load_state_dict(resumed.state_dict())
             saved = torch.load(Path(d) / "train_state.pt", weights_only=False)
             optimizer.load_state_dict(saved.pop("optimizer"))
+            rng = saved.pop("torch_rng", None)
             state.update(saved)
             if (Path(d) / "best").exists():
                 best_state = load_checkpoint(Path(d) / "best")[0].state_dict()
+            if rng is not None:  # last: building the models above draws from the RNG
+                torch.set_rng_state(rng)
         if rank == 0:
             log(f"train: resumed at epoch {state['epoch']} (best valid ndcg@10 {state['best_ndcg']:.4f})")
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
@@ -133,12 +146,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     meta = {"backbone": tc.backbone, "variant": tc.variant, "seed": tc.seed, "loss": tc.loss}
     for epoch in range(state["epoch"], tc.epochs):
-        if config.get("fail_at_epoch") == epoch and ckpt is None:
-            os._exit(1)  # fault injection for tests: a worker dies once, before this epoch's checkpoint
         t0 = time.perf_counter()
-        rows_iter = (b["data"] for b in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
-                                                           local_shuffle_buffer_size=4 * tc.batch_size,
-                                                           local_shuffle_seed=tc.seed * 100_003 + epoch))
+        # this worker's shard (user row numbers: 8 bytes a user) in a permutation drawn from (seed, epoch, rank):
+        # the same batches in every run and after a restart (Ray Data's local shuffle depends on the iterator's
+        # own history, so a resumed worker would see other batches)
+        rows = np.concatenate([b["data"] for b in shard.iter_batches(batch_size=65_536, batch_format="numpy")]
+                              or [np.zeros(0, np.int64)])
+        rows = rows[np.random.default_rng([tc.seed, epoch, rank, 2]).permutation(rows.size)]
+        rows_iter = (rows[i:i + tc.batch_size] for i in range(0, rows.size, tc.batch_size))
+        if config.get("fail_at_epoch") == epoch and ckpt is None:
+            rows_iter = _die_after(rows_iter, 1)  # fault injection for tests: the worker dies mid-epoch, once
         loss = train_epoch(model, optimizer, feats, rows_iter, tc.loss, device, module=ddp,
                            rng=np.random.default_rng([tc.seed, epoch, rank, 1]))
         rec: dict[str, Any] = {"epoch": epoch, "loss": loss, "epoch_seconds": time.perf_counter() - t0}
@@ -177,9 +194,13 @@ def build_trainer(tc: TrainConfig, features_ref: Any, num_users: int, storage: P
     dataset."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # blocks in their order: a seed gives the same batches every time (also after a restart), not the order in
+    # which Ray Data happened to finish them
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     threads = tc.threads_per_worker or max(1, int(resources.get("CPU", 1) // tc.num_workers))
     return TorchTrainer(
         train_loop_per_worker,
@@ -190,6 +211,7 @@ def build_trainer(tc: TrainConfig, features_ref: Any, num_users: int, storage: P
         # blocks built in the driver: no read task has to find a CPU next to the train workers (on a 2-CPU node
         # two workers hold them all and a ReadRange task would wait forever)
         datasets={"train": ray.data.from_numpy(np.arange(num_users, dtype=np.int64))},
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(name=name, storage_path=storage if isinstance(storage, str) else str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
