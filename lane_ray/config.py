@@ -128,6 +128,9 @@ class RayConfig(_Section):
         description="Object store size of a locally started cluster in MiB (null = Ray's default, 30 % of RAM).",
     )
     temp_dir: str | None = Field(None, description="Session directory of a locally started cluster (unset = /tmp/ray).")
+    include_dashboard: bool = Field(
+        True, description="Start the dashboard with a local cluster: Ray's state API lives there (`ray list "
+        "actors`; Ray Train's placement-group cleaner polls it and logs a warning every few seconds without it).")
     data_progress_bars: bool = Field(
         False, description="Ray Data's own per-dataset progress bars; off by default: every stage reports its "
         "progress in lane's one view (stderr lines and RUN/progress.json, `lane status`).")
@@ -306,6 +309,10 @@ class TrainConfig(_Section):
     patience: int = Field(10, ge=1, description="Stop after this many epochs without a better validation NDCG@10.")
     batch_size: int = Field(32, ge=1, description="Users per training batch (per worker under Ray Train).")
     eval_batch_size: int = Field(256, ge=1, description="Users per evaluation batch.")
+    eval_users: int | None = Field(
+        None, ge=1, description="Evaluate (validation every epoch, test at the end) on a fixed random sample of this "
+        "many users, the same for every variant and seed; unset = all users. Full ranking costs users x items x "
+        "hidden multiply-adds: 100k users x 1M items is ~1.3e13 flops a pass, minutes on a CPU.")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
     seed: int = Field(0, description="Seed of initialisation, batch order, crops and the sampled-100 negatives.")

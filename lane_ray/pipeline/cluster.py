@@ -26,7 +26,7 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
             if cfg.worker_niceness is not None:  # read by the raylet this process starts
                 os.environ.setdefault("RAY_worker_niceness", str(cfg.worker_niceness))
             ray.init(
-                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
+                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.include_dashboard,
                 object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
                 _temp_dir=cfg.temp_dir, _node_ip_address="127.0.0.1", **kwargs,
             )

@@ -33,7 +33,8 @@ def train_in_process(tc: TrainConfig, feats, run_dir: Path) -> tuple[Any, dict[s
     torch.manual_seed(tc.seed)
     model = build_model(tc, feats)
     s = FitSettings(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
-                    loss=tc.loss, patience=tc.patience, eval_batch_size=tc.eval_batch_size, seed=tc.seed)
+                    loss=tc.loss, patience=tc.patience, eval_batch_size=tc.eval_batch_size, seed=tc.seed,
+                    eval_users=tc.eval_users)
     summary = fit(model, variant_features(feats, tc.variant, tc.seed), s)
     name = run_name(tc)
     save_checkpoint(model, run_dir / "checkpoints" / name,

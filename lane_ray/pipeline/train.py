@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import prepare_model
 
     from lane_ray.models import load_checkpoint
-    from lane_ray.train.loop import evaluate, sampled_negatives, train_epoch
+    from lane_ray.train.loop import eval_rows, evaluate, sampled_negatives, train_epoch
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -163,7 +163,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                v = evaluate(model, feats, "valid", ("full", "sampled100"), tc.eval_batch_size, device, negatives)
+                v = evaluate(model, feats, "valid", ("full", "sampled100"), tc.eval_batch_size, device, negatives,
+                             users=eval_rows(feats.split.num_users, tc.eval_users))
                 rec["valid"] = v
                 rec["eval_seconds"] = time.perf_counter() - t0 - rec["epoch_seconds"]
                 if v["full"]["ndcg@10"] > state["best_ndcg"]:
@@ -278,13 +279,15 @@ def evaluate_model(model, feats, tc: TrainConfig, variant: str, seed: int, faith
     from lane_ray.train import loop
 
     vf = variant_features(feats, variant, seed)
+    users = loop.eval_rows(vf.split.num_users, tc.eval_users)
     t0 = time.perf_counter()
     out: dict[str, Any] = dict(loop.evaluate(model, vf, "test", loop.PROTOCOLS, tc.eval_batch_size, device,
-                                             seed=seed))
+                                             seed=seed, users=users))
     out["eval_seconds"] = time.perf_counter() - t0
+    out["eval_users"] = vf.split.num_users if users is None else int(users.size)
     if faithfulness and model.cfg.align:
         t0 = time.perf_counter()
-        out["faithfulness"] = loop.faithfulness(model, vf, "test", tc.eval_batch_size, seed, device)
+        out["faithfulness"] = loop.faithfulness(model, vf, "test", tc.eval_batch_size, seed, device, users=users)
         out["faithfulness"]["seconds"] = time.perf_counter() - t0
     return out
 

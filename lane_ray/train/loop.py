@@ -30,6 +30,15 @@ class FitSettings:
     eval_every: int = 1
     eval_batch_size: int = 256
     seed: int = 0
+    eval_users: int | None = None  # evaluate on this fixed sample of users (eval_rows); None = all
+
+
+def eval_rows(num_users: int, n: int | None) -> np.ndarray | None:
+    """The split rows evaluation uses: all (None), or a sorted sample of ``n`` drawn with a fixed seed, so every
+    variant, seed and epoch is measured on the same users."""
+    if n is None or n >= num_users:
+        return None
+    return np.sort(np.random.default_rng(20240702).choice(num_users, size=n, replace=False))
 
 
 def model_config(variant: str, num_items: int, backbone: str, **arch: Any) -> ModelConfig:
@@ -48,12 +57,13 @@ def _prefs(feats: Features, rows: np.ndarray, model: SequentialRecommender, devi
 
 
 def _user_batches(model: SequentialRecommender, feats: Features, stage: str, batch_size: int,
-                  device: torch.device, keep: Callable[[np.ndarray], np.ndarray] | None = None):
-    """Yield ``(rows, history [B, L], prefs, mask)`` over all split rows in order, on ``device``; ``keep`` filters
-    the rows of each batch (a batch left empty is skipped)."""
-    U = feats.split.num_users
-    for start in range(0, U, batch_size):
-        rows = np.arange(start, min(start + batch_size, U))
+                  device: torch.device, keep: Callable[[np.ndarray], np.ndarray] | None = None,
+                  users: np.ndarray | None = None):
+    """Yield ``(rows, history [B, L], prefs, mask)`` over all split rows (or the sorted rows ``users``) in order, on
+    ``device``; ``keep`` filters the rows of each batch (a batch left empty is skipped)."""
+    order = np.arange(feats.split.num_users) if users is None else np.asarray(users)
+    for start in range(0, order.size, batch_size):
+        rows = order[start:start + batch_size]
         if keep is not None:
             rows = rows[keep(rows)]
             if not rows.size:
@@ -113,8 +123,9 @@ def sampled_negatives(feats: Features, num: int = 100, seed: int = 0) -> np.ndar
 @torch.no_grad()
 def evaluate(model: SequentialRecommender, feats: Features, stage: str = "test",
              protocols: Iterable[Protocol] = PROTOCOLS, batch_size: int = 256, device: torch.device | str = "cpu",
-             negatives: np.ndarray | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
-    """NDCG/HR/MRR@5/10/20 over *all* users for ``stage`` (valid or test).
+             negatives: np.ndarray | None = None, seed: int = 0,
+             users: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """NDCG/HR/MRR@5/10/20 over all users (or the split rows ``users``, see :func:`eval_rows`) for ``stage``.
 
     ``full``: every catalogue item is ranked, the history's items masked (the target itself never is);
     ``sampled100``: the target among 100 fixed-seed items the user never interacted with.
@@ -126,7 +137,7 @@ def evaluate(model: SequentialRecommender, feats: Features, stage: str = "test",
     model.eval()
     targets_all = feats.index.encode(feats.split.targets(stage))  # type: ignore[arg-type]
     ranks: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
-    for rows, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device):
+    for rows, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device, users=users):
         scores = model.full_scores(hist, prefs, mask)  # [B, N + 1]
         tgt = torch.from_numpy(targets_all[rows]).to(device)
         t_score = scores.gather(1, tgt[:, None]).squeeze(1)
@@ -147,7 +158,7 @@ def evaluate(model: SequentialRecommender, feats: Features, stage: str = "test",
 
 @torch.no_grad()
 def faithfulness(model: SequentialRecommender, feats: Features, stage: str = "test", batch_size: int = 256,
-                 seed: int = 0, device: torch.device | str = "cpu") -> dict[str, Any]:
+                 seed: int = 0, device: torch.device | str = "cpu", users: np.ndarray | None = None) -> dict[str, Any]:
     """Does the highest-weight preference matter most? Per user with >= 2 preferences: the target's score drop
     when the top-weight preference is removed (masked) versus when a random other present preference is; the
     share of users where the top-weight removal hurts more (ties count as not)."""
@@ -161,7 +172,7 @@ def faithfulness(model: SequentialRecommender, feats: Features, stage: str = "te
     pref_mask = feats.pref_mask
     table = model.items.table()  # the same for every batch in eval mode
     for rows, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device,
-                                                 keep=lambda r: pref_mask[r].sum(1) >= 2):
+                                                 keep=lambda r: pref_mask[r].sum(1) >= 2, users=users):
         cand = torch.from_numpy(targets_all[rows]).to(device)[:, None]
         rep, w = model.user_vectors(hist, prefs, mask, table)
         base = (table[cand[:, 0]] * rep).sum(-1)
@@ -203,6 +214,7 @@ def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: t
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     negatives = sampled_negatives(feats, 100, s.seed)
+    users = eval_rows(feats.split.num_users, s.eval_users)
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "valid": None}
     curve: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -213,7 +225,8 @@ def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: t
                            s.loss, device, rng=np.random.default_rng([s.seed, epoch, 1]))
         rec: dict[str, Any] = {"epoch": epoch, "loss": loss, "epoch_seconds": time.perf_counter() - te}
         if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
-            v = evaluate(model, feats, "valid", ("full", "sampled100"), s.eval_batch_size, device, negatives)
+            v = evaluate(model, feats, "valid", ("full", "sampled100"), s.eval_batch_size, device, negatives,
+                         users=users)
             rec["valid"] = v
             if v["full"]["ndcg@10"] > best["ndcg"]:
                 best = {"ndcg": v["full"]["ndcg@10"], "epoch": epoch, "valid": v,

@@ -81,6 +81,8 @@ def test_killed_encoder_actor_the_job_completes_every_item_once(ray_cluster, tmp
     t_out = read_parquet(out)
     got = t_out["item_id"].to_pylist()
     assert sorted(got) == ids.tolist()  # every item, exactly once (a retried block's duplicate is compacted away)
+    print(f"encoder actor SIGKILL: {n} items, {len(got)} rows out, {len(set(got))} distinct, "
+          f"{m['counts'].get('removed_duplicates', 0)} duplicate rows compacted")
     vecs = np.stack(t_out["embedding"].to_numpy(zero_copy_only=False))
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
 
@@ -174,6 +176,8 @@ def test_garbage_from_the_llm_ends_repaired_or_fallback_never_lost(ray_cluster, 
     for r in rows:
         assert len(r["preferences"]) == 5 and all(isinstance(p, str) and p.strip() for p in r["preferences"])
     assert len(server.calls) == 12 and all(1 <= c <= 2 for c in server.calls.values())  # 1 try + 1 retry
+    statuses = {s: sum(r["status"] == s for r in rows) for s in sorted(STATUSES)}
+    print(f"garbage LLM: 12 users, {sum(server.calls.values())} requests, statuses {statuses}")
 
 
 def test_driver_killed_half_way_resumes_without_asking_the_llm_again(ray_cluster, many_users, tmp_path):
@@ -207,3 +211,5 @@ def test_driver_killed_half_way_resumes_without_asking_the_llm_again(ray_cluster
     # the second run asked only for the users the first did not finish (one request each: no retries here)
     assert len(asked_again) == 12 - len(done_first)
     assert sum(server.calls.values()) - sum(calls_first.values()) == 12 - len(done_first)
+    print(f"driver SIGKILL: {len(done_first)} of 12 users finished before the kill; the re-run asked the LLM "
+          f"{sum(server.calls.values()) - sum(calls_first.values())} times")
