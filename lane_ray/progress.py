@@ -259,8 +259,13 @@ class Stage:
                 continue
             dt = time.perf_counter() - t0
             rate = done / dt if dt > 0 else 0.0
-            eta = f", ETA {_clock((total - done) / rate)}" if 0 < rate and done < total else ""
-            self._log(f"{done:,}/{total:,} {unit} ({100 * done / total:.1f}%), {rate:,.1f} {unit}/s{eta}")
+            if done == 0:
+                pace = f", none finished after {_clock(dt)}"
+            else:
+                per = next((f"{rate * k:,.1f} {unit}/{u}" for k, u in ((1, "s"), (60, "min")) if rate * k >= 1),
+                           f"{rate * 3600:,.2f} {unit}/h")
+                pace = f", {per}" + (f", ETA {_clock((total - done) / rate)}" if done < total else "")
+            self._log(f"{done:,}/{total:,} {unit} ({100 * done / total:.1f}%){pace}")
             if self._run:
                 self._run.update(self.name, done=done, total=total, unit=unit, rate_per_s=round(rate, 2))
 
