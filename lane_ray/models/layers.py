@@ -82,6 +82,14 @@ class ItemEmbedder(nn.Module):
         out = self.proj(self.titles)
         return torch.cat([torch.zeros_like(out[:1]), out[1:]], 0)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """[K, H] vectors of the item indices ``ids [K]`` only (index 0 gives the zero padding row): what a loss
+        over a few items needs, without projecting the whole title table."""
+        if self.mode == "id":
+            return self.table_(ids)
+        out = self.proj(self.titles[ids])
+        return out * (ids != 0).unsqueeze(-1).to(out.dtype)
+
     def lookup(self, idx: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """[..., H] vectors of indices ``idx`` (0 = pad, N + 1 = mask token)."""
         table = self.table() if table is None else table

@@ -94,6 +94,41 @@ def test_training_reduces_loss(backbone, item_mode, loss_type):
     assert last < 0.92 * first, (first, last)
 
 
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("item_mode", ["id", "title"])
+@pytest.mark.parametrize("backbone", [b for b in BACKBONES if b != "bert4rec"])
+def test_sampled_loss_on_the_batch_table_equals_the_full_table(backbone, item_mode, align):
+    """bce computes the vectors of the batch's items only: the same loss and gradients as with the whole table."""
+    import torch.nn.functional as F
+
+    model = make(backbone, item_mode, align=align).eval()  # no dropout: the RNG draws only the negatives
+    items = sequences()
+    prefs, mask = preferences(U) if align else (None, None)
+    torch.manual_seed(5)
+    fast = model.loss(items, prefs, mask, "bce")
+    fast.backward()
+    g_fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(5)  # the reference: whole table, the same negatives
+    inputs, targets = items[:, :-1], items[:, 1:].masked_fill(items[:, :-1] == 0, 0)
+    sel = targets > 0
+    tgt = targets[sel]
+    neg = torch.randint(1, N + 1, tgt.shape)
+    clash = neg == tgt
+    neg[clash] = torch.randint(1, N + 1, (int(clash.sum()),))
+    table = model.items.table()
+    states, _ = model.encode(inputs, prefs, mask, table)
+    rep = model.backbone.head(states[sel], table, tgt)
+    pos, negl = (rep * table[tgt]).sum(-1), (rep * table[neg]).sum(-1)
+    ref = F.binary_cross_entropy_with_logits(torch.cat([pos, negl]), torch.cat([torch.ones_like(pos),
+                                                                                 torch.zeros_like(negl)]))
+    ref.backward()
+    assert torch.allclose(fast, ref, atol=1e-6)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g_fast[k], p.grad, atol=1e-6), k
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_training_with_alignment_reduces_loss(backbone):
     model = make(backbone, "title", align=True)
