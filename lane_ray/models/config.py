@@ -21,6 +21,7 @@ class ModelConfig:
     item_mode: Literal["id", "title"] = "id"  # learned ID table, or title embeddings through a projection
     title_dim: int = 384  # width of the title (and preference) embeddings
     finetune_titles: bool = False  # title mode: train the title vectors themselves (else frozen buffer)
+    sparse_items: bool = False  # id mode: the table gets sparse gradients (SparseAdam; bce with causal backbones)
     hidden: int = 64
     layers: int = 2
     heads: int = 1
@@ -40,6 +41,8 @@ class ModelConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.item_mode not in ("id", "title"):
             raise ValueError(f"unknown item_mode {self.item_mode!r}; choose id or title")
+        if self.sparse_items and self.backbone == "bert4rec":
+            raise ValueError("sparse_items needs a causal backbone (bert4rec's cloze loss reads the whole table)")
         if self.num_items < 1:
             raise ValueError("num_items must be >= 1")
         if self.hidden % self.heads or self.hidden % self.align_heads:

@@ -56,12 +56,13 @@ class ItemEmbedder(nn.Module):
     """
 
     def __init__(self, num_items: int, hidden: int, mode: str, title_dim: int = 384, finetune: bool = False,
-                 titles: torch.Tensor | None = None, mask_token: bool = False) -> None:
+                 titles: torch.Tensor | None = None, mask_token: bool = False, sparse: bool = False) -> None:
         super().__init__()
         self.num_items, self.mode = num_items, mode
         self.mask_token = nn.Parameter(torch.randn(hidden) * 0.02) if mask_token else None
         if mode == "id":
-            self.table_ = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+            # sparse: a step's gradient holds the rows it touched, not the whole table (huge catalogues)
+            self.table_ = nn.Embedding(num_items + 1, hidden, padding_idx=0, sparse=sparse)
             nn.init.normal_(self.table_.weight, std=hidden ** -0.5)
             with torch.no_grad():
                 self.table_.weight[0].zero_()

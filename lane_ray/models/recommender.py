@@ -36,7 +36,7 @@ class SequentialRecommender(nn.Module):
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
         self.items = ItemEmbedder(cfg.num_items, cfg.hidden, cfg.item_mode, cfg.title_dim, cfg.finetune_titles, titles,
-                                  mask_token=self.backbone.cloze)
+                                  mask_token=self.backbone.cloze, sparse=cfg.sparse_items)
         self.align = (PreferenceAlignment(cfg.hidden, cfg.pref_dim, cfg.align_heads, cfg.align_dropout)
                       if cfg.align else None)
 
@@ -75,6 +75,8 @@ class SequentialRecommender(nn.Module):
         """
         if loss_type == "bce" and not self.backbone.cloze:
             return self._sampled_loss(items, prefs, pref_mask)
+        if self.cfg.sparse_items and self.cfg.item_mode == "id":
+            raise ValueError("sparse_items trains with loss bce only (a softmax over all items touches every row)")
         table = self.items.table()
         if self.backbone.cloze:
             seq = items[:, 1:]

@@ -31,7 +31,7 @@ from lane_ray.progress import log
 def arch_kwargs(tc: TrainConfig) -> dict[str, Any]:
     return {"hidden": tc.hidden, "layers": tc.layers, "heads": tc.heads, "dropout": tc.dropout,
             "max_len": tc.max_len, "align_heads": tc.align_heads, "align_dropout": tc.align_dropout,
-            "finetune_titles": tc.finetune_titles}
+            "finetune_titles": tc.finetune_titles, "sparse_items": tc.sparse_items}
 
 
 def build_model(tc: TrainConfig, feats):
@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import prepare_model
 
     from lane_ray.models import load_checkpoint
-    from lane_ray.train.loop import eval_rows, evaluate, sampled_negatives, train_epoch
+    from lane_ray.train.loop import eval_rows, evaluate, make_optimizer, sampled_negatives, train_epoch
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     feats = variant_features(ray.get(config["features"]), tc.variant, tc.seed)
     model = build_model(tc, feats)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "best_valid": None, "curve": []}
     best_state = None
     ckpt = ray.train.get_checkpoint()

@@ -41,6 +41,40 @@ def eval_rows(num_users: int, n: int | None) -> np.ndarray | None:
     return np.sort(np.random.default_rng(20240702).choice(num_users, size=n, replace=False))
 
 
+class _Optimizers:
+    """Adam for dense parameters and SparseAdam for a sparse item table, stepped and saved as one optimizer."""
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer) -> None:
+        self.parts = [dense, sparse]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.parts:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [o.state_dict() for o in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for o, s in zip(self.parts, state["parts"], strict=True):
+            o.load_state_dict(s)
+
+
+def make_optimizer(model: SequentialRecommender, lr: float, weight_decay: float = 0.0) -> Any:
+    """Adam over the model; with a sparse item table (``sparse_items``) that table gets SparseAdam (lazy Adam: a
+    row's moments move when the row is used), so a step costs the rows a batch touches, not the catalogue."""
+    if not (model.cfg.sparse_items and model.cfg.item_mode == "id"):
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if weight_decay:
+        raise ValueError("sparse_items: SparseAdam has no weight decay; set weight_decay to 0")
+    table = model.items.table_.weight
+    rest = [p for p in model.parameters() if p is not table]
+    return _Optimizers(torch.optim.Adam(rest, lr=lr), torch.optim.SparseAdam([table], lr=lr))
+
+
 def model_config(variant: str, num_items: int, backbone: str, **arch: Any) -> ModelConfig:
     """The architecture of an ablation variant: ``id``, ``title``, ``lane`` (title + alignment), ``lane-shuffled``."""
     if variant not in ("id", "title", "lane", "lane-shuffled"):
@@ -212,7 +246,7 @@ def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: t
     device = torch.device(device)
     torch.manual_seed(s.seed)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = make_optimizer(model, s.lr, s.weight_decay)
     negatives = sampled_negatives(feats, 100, s.seed)
     users = eval_rows(feats.split.num_users, s.eval_users)
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "valid": None}

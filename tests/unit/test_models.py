@@ -383,3 +383,41 @@ def test_model_config_validation():
     cfg = ModelConfig(num_items=5, backbone="diffurec", hidden=8, heads=2, align=True)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_sparse_item_table_trains_with_sparse_adam(backbone):
+    from lane_ray.train.loop import make_optimizer
+
+    model = make(backbone, "id", sparse_items=True)
+    opt = make_optimizer(model, 1e-2)
+    items = sequences()
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model.loss(items, loss_type="bce")
+        opt.zero_grad()
+        loss.backward()
+        assert model.items.table_.weight.grad.is_sparse  # only the rows the batch touched
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-5:]) < 0.92 * sum(losses[:5])
+    assert torch.count_nonzero(model.items.table_.weight[0]) == 0  # padding row untouched
+    state = opt.state_dict()
+    fresh = make_optimizer(make(backbone, "id", sparse_items=True), 1e-2)
+    fresh.load_state_dict(state)  # a resumed run restores both parts
+    with pytest.raises(ValueError, match="loss bce only"):
+        model.loss(items, loss_type="ce")
+    with pytest.raises(ValueError, match="weight decay"):
+        make_optimizer(model, 1e-2, weight_decay=0.1)
+    with pytest.raises(ValueError, match="causal backbone"):
+        make("bert4rec", "id", sparse_items=True)
+
+
+def test_sparse_items_config_names_what_it_needs():
+    from lane_ray.config import load_config
+    from lane_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sparse_items needs loss bce, num_workers 1"):
+        load_config(None, ["train.sparse_items=true", "train.num_workers=2"])
+    assert load_config(None, ["train.sparse_items=true", "train.loss=bce"]).train.sparse_items
