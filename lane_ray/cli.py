@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -488,14 +489,16 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False, feats=None
         st.extra = {"epochs": summary["epochs"], "seconds_per_epoch": summary["seconds_per_epoch"],
                     "workers": tc.num_workers}
     model, _ = load_checkpoint(summary["checkpoint"])
-    with Stage(f"evaluate_{tc.backbone}_{tc.variant}", out, quiet=quiet):
+    with Stage(f"evaluate_{tc.backbone}_{tc.variant}", out, quiet=quiet) as st:
         result = evaluate_model(model, feats, tc, tc.variant, tc.seed, faithfulness=model.cfg.align)
-    result.update(fit_record(summary), checkpoint=summary["checkpoint"], fingerprint=fingerprint)
-    write_metrics(out / "metrics.json", key, result)
-    if model.cfg.align:
-        from lane_ray.pipeline.train import write_candidates
+        result.update(fit_record(summary), checkpoint=summary["checkpoint"], fingerprint=fingerprint)
+        if model.cfg.align:  # every user's top 10 (batch inference over the whole catalogue): lane explain's input
+            from lane_ray.pipeline.train import write_candidates
 
-        write_candidates(model, feats, out / "candidates.parquet")
+            t0 = time.perf_counter()
+            st.rows = write_candidates(model, feats, out / "candidates.parquet")
+            st.extra = {"candidates_seconds": round(time.perf_counter() - t0, 3)}
+        write_metrics(out / "metrics.json", key, result)
     return result
 
 
@@ -507,7 +510,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """``ray job submit`` of ``python -m lane_ray.cli <command>`` with the working directory (and so any
     ``--config`` file inside it) shipped through the job's ``runtime_env``; waits and streams the job's logs."""
     import shlex
-    import time
 
     from lane_ray.errors import ConfigError
 
@@ -743,8 +745,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a run directory's progress view (RUN/progress.json), once or every --watch seconds."""
-    import time
-
     from lane_ray.progress import format_progress
     from lane_ray.storage import join_uri, read_text, redact
 
