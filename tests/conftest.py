@@ -72,6 +72,21 @@ def amazon_records(layout: int) -> tuple[str, str]:
     return rev, meta
 
 
+def descendant_pids(marker: str) -> list[int]:
+    """Processes started (transitively) by this one whose command line contains ``marker``: the actors of the session's
+    local Ray cluster, which Ray titles ``ray::<Class>`` (e.g. ``ServeReplica:lane:Ranker``, ``EncodeBatch``)."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

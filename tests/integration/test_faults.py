@@ -22,26 +22,11 @@ import pytest
 from lane_ray.config import EmbedConfig, RayConfig
 from lane_ray.io import read_parquet
 from lane_ray.pipeline.embed import embed_texts
-from tests.conftest import write
+from tests.conftest import descendant_pids, write
 
 STATUSES = {"ok", "repaired", "fallback"}
 
 # ------------------------------------------------------------------------------------------- embedding
-
-
-def _encoder_actor_pids() -> list[int]:
-    """Encoder actors of the session's cluster (started by this process, so its descendants; Ray titles an actor's
-    process ``ray::MapWorker(MapBatches(EncodeBatch))``)."""
-    import psutil
-
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "EncodeBatch" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except psutil.Error:
-            continue
-    return pids
 
 
 def test_killed_encoder_actor_the_job_completes_every_item_once(ray_cluster, tmp_path):
@@ -68,7 +53,7 @@ def test_killed_encoder_actor_the_job_completes_every_item_once(ray_cluster, tmp
     deadline = time.monotonic() + 300
     while t.is_alive() and time.monotonic() < deadline and not killed:
         parts = list(out.glob("part-*.parquet")) if out.exists() else []
-        pids = _encoder_actor_pids()
+        pids = descendant_pids("EncodeBatch")
         if pids and len(parts) >= 2:  # mid-job: some blocks written, most still to come
             os.kill(pids[0], signal.SIGKILL)
             killed += 1

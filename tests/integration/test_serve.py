@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import descendant_pids
 from tests.serving_run import CHECKPOINT, PREFERENCES
 
 pytestmark = [pytest.mark.integration, pytest.mark.network]
@@ -361,18 +362,7 @@ def test_property_based_requests_never_get_5xx(broken):
 
 
 def _ranker_pids() -> list[int]:
-    """Ranker replica processes of the session's cluster (descendants of this process; Ray titles them
-    ``ray::ServeReplica:lane:Ranker``)."""
-    import psutil
-
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "ServeReplica:lane:Ranker" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except psutil.Error:
-            continue
-    return pids
+    return descendant_pids("ServeReplica:lane:Ranker")
 
 
 def test_killed_ranker_replica_under_load_fails_only_requests_in_flight(broken):
