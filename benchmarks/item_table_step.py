@@ -17,6 +17,27 @@ import sys
 import time
 
 
+def _step(name: str, model, opt, items, num_items: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    if name == "title_table":  # the former path: every step projects the whole title table
+        table = model.items.table()
+        inputs, targets = items[:, :-1], items[:, 1:]
+        states, _ = model.encode(inputs, None, None, table)
+        rep = states.reshape(-1, states.shape[-1])
+        tgt = targets.reshape(-1)
+        neg = torch.randint(1, num_items + 1, tgt.shape)
+        pos, negl = (rep * table[tgt]).sum(-1), (rep * table[neg]).sum(-1)
+        loss = F.binary_cross_entropy_with_logits(torch.cat([pos, negl]),
+                                                  torch.cat([torch.ones_like(pos), torch.zeros_like(negl)]))
+    else:
+        loss = model.loss(items, loss_type="bce")
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=1_000_000)
@@ -26,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
 
     from lane_ray.models import ModelConfig, SequentialRecommender
     from lane_ray.train.loop import make_optimizer
@@ -45,28 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         model = SequentialRecommender(cfg, titles if mode == "title" else None).train()
         opt = make_optimizer(model, 1e-3)
 
-        def step(items: torch.Tensor) -> None:
-            if name == "title_table":  # the former path: every step projects the whole title table
-                table = model.items.table()
-                inputs, targets = items[:, :-1], items[:, 1:]
-                states, _ = model.encode(inputs, None, None, table)
-                rep = states.reshape(-1, 64)
-                tgt = targets.reshape(-1)
-                neg = torch.randint(1, N + 1, tgt.shape)
-                pos, negl = (rep * table[tgt]).sum(-1), (rep * table[neg]).sum(-1)
-                loss = F.binary_cross_entropy_with_logits(torch.cat([pos, negl]),
-                                                          torch.cat([torch.ones_like(pos), torch.zeros_like(negl)]))
-            else:
-                loss = model.loss(items, loss_type="bce")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
         for b in batches[:2]:  # warm-up (allocations, Adam state)
-            step(b)
+            _step(name, model, opt, b, N)
         t0 = time.perf_counter()
         for b in batches[2:]:
-            step(b)
+            _step(name, model, opt, b, N)
         out[name] = round((time.perf_counter() - t0) / args.steps, 4)
         del model, opt
     line = json.dumps({"items": N, "threads": args.threads, "batch": B, "window": L, "seconds_per_step": out})
