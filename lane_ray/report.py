@@ -96,13 +96,26 @@ def curves_section(run: Path, out: Path, limit: int = 12) -> list[str]:
                     "|---|---|---|---|---|", *rows, ""]
 
 
+_ORDER = ("synth", "data", "embed_catalog", "preferences", "embed_preferences", "train_", "evaluate_", "explain",
+          "report")
+
+
+def _stage_order(name: str) -> tuple[int, str, int]:
+    """Pipeline order: data before embeddings before training; each variant's training before its evaluation."""
+    group = next((i for i, p in enumerate(_ORDER) if name == p or (p.endswith("_") and name.startswith(p))),
+                 len(_ORDER))
+    if name.startswith(("train_", "evaluate_")):
+        return _ORDER.index("train_"), name.split("_", 1)[1], 0 if name.startswith("train_") else 1
+    return group, name, 0
+
+
 def timings_section(run: Path, out: Path) -> list[str]:
     path = run / "timings.json"
     lines = ["## Stages: time, memory, throughput", ""]
     if not path.exists():
         return lines + _missing("stage timings", "lane run")
     doc = json.loads(path.read_text())
-    names = list(doc)
+    names = sorted(doc, key=_stage_order)
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, max(3, 0.3 * len(names) + 1)))
     a1.barh(names, [doc[n].get("seconds") or 0 for n in names])
