@@ -333,13 +333,16 @@ def training_fingerprint(tc: TrainConfig, run_dir: Path) -> str:
 
 def write_candidates(model, feats, path: Path, k: int = 10) -> int:
     """The model's top-``k`` recommendations per user (after the full history) as the candidates file of
-    ``lane explain``: user_id, item_id, rank, score, preference_weights."""
+    ``lane explain``: user_id, item_id, rank, score, preference_weights. A user with fewer than ``k`` unseen items
+    gets fewer rows (seen items score -inf and are not recommendations)."""
     import pyarrow as pa
 
     from lane_ray.io import write_parquet
     from lane_ray.train.loop import recommend
 
     rec = recommend(model, feats, k)
+    ok = np.isfinite(rec["score"])  # a user who has seen (nearly) every item has fewer than k recommendable ones
+    rec = {key: (v[ok] if v is not None else None) for key, v in rec.items()}
     w = rec["preference_weights"]
     weights = (pa.array(list(w.astype(np.float32)), pa.list_(pa.float32())) if w is not None
                else pa.nulls(len(rec["rank"]), pa.list_(pa.float32())))
