@@ -14,10 +14,12 @@ remote storage).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,18 @@ def redact(uri: str) -> str:
     if sep and "@" in rest.split("/", 1)[0]:
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return uri
+
+
+@contextlib.contextmanager
+def atomic_object(fs: Any, dest: str) -> Iterator[Any]:
+    """An output stream for ``dest`` on ``fs`` that writes a temporary object and moves it to ``dest`` when the block
+    succeeds (an object store creates the final object in one step: a reader never sees a partial one)."""
+    parent, name = posixpath.split(dest)
+    tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(tmp) as out:
+        yield out
+    fs.move(tmp, dest)
 
 
 def default_stage_dir(uri: str) -> Path:
@@ -184,14 +198,9 @@ class RunStorage:
         return {"uploaded": up, "removed": removed}
 
     def _upload(self, rel: str) -> None:
-        dest = posixpath.join(self.root, rel)
-        parent, name = posixpath.split(dest)
-        tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
-        self.fs.create_dir(parent, recursive=True)
-        with open(self.local / rel, "rb") as src, self.fs.open_output_stream(tmp) as dst:
+        with open(self.local / rel, "rb") as src, atomic_object(self.fs, posixpath.join(self.root, rel)) as dst:
             while chunk := src.read(8 << 20):
                 dst.write(chunk)
-        self.fs.move(tmp, dest)
 
     def uri_of(self, local_path: str | Path) -> str | None:
         """The remote URI of a path inside the staged folder, or None outside it."""
@@ -219,11 +228,6 @@ _ACTIVE: list[RunStorage] = []
 
 def activate(storage: RunStorage) -> None:
     _ACTIVE.append(storage)
-
-
-def deactivate(storage: RunStorage) -> None:
-    if storage in _ACTIVE:
-        _ACTIVE.remove(storage)
 
 
 def remote_dir(local_path: str | Path) -> str | None:

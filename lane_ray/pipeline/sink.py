@@ -31,19 +31,14 @@ def write_part(out: Path, table: pa.Table, metadata: dict[bytes, bytes] | None =
 def write_part_uri(uri: str, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> str:
     """:func:`write_part` into a folder given by a pyarrow filesystem URI (``s3://``, ``gs://``, ...): written
     to a temporary object, then moved to its name (an object store creates the final object in one step)."""
-    from lane_ray.storage import resolve_uri
+    from lane_ray.storage import atomic_object, join_uri, resolve_uri
 
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     fs, root = resolve_uri(uri)
     name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
-    fs.create_dir(root, recursive=True)
-    tmp = f"{root.rstrip('/')}/.{name}.tmp"
-    with fs.open_output_stream(tmp) as fh:
+    with atomic_object(fs, f"{root.rstrip('/')}/{name}") as fh:
         pq.write_table(table, fh)
-    fs.move(tmp, f"{root.rstrip('/')}/{name}")
-    from lane_ray.storage import join_uri
-
     return join_uri(uri, name)
 
 
