@@ -68,26 +68,48 @@ print(json.dumps({"seconds": m["embed_seconds"], "stage_seconds": m["seconds"], 
 """
 
 
-def _run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[dict, dict[str, float]]:
-    """Run ``cmd``; sample RSS of it and its descendants; return (its JSON output, peaks by role in MB)."""
+def _mem(p: psutil.Process) -> tuple[int, int]:
+    """(RSS, private) bytes: private = RSS minus file-backed and shared-memory pages (Linux: RssAnon), i.e. what
+    the process itself allocated, without the object store's shared pages and the mapped libraries."""
+    mi = p.memory_info()
+    return mi.rss, mi.rss - getattr(mi, "shared", 0)
+
+
+def _run_sampled(cmd: list[str], env: dict[str, str],
+                 trace: list[dict] | None = None) -> tuple[dict, dict[str, float]]:
+    """Run ``cmd``; sample the memory of it and its descendants; return (its JSON output, peaks by role in MB).
+
+    Peaks are ``<role>`` (RSS) and ``<role>_private`` for the roles driver, actor (``ray::`` workers) and
+    other (GCS, raylet, ...). ``trace`` gets one row of per-role figures every 5 s."""
     # stderr goes to a file: Ray logs progress there, and an undrained pipe would block the child.
     log, result = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=result, stderr=log, text=True, env=env)
     root = psutil.Process(proc.pid)
-    peaks = {"driver": 0, "actor": 0, "other": 0}
+    roles = ("driver", "actor", "other")
+    peaks = {k: 0 for r in roles for k in (r, f"{r}_private")}
+    next_trace = 0.0
     while proc.poll() is None:
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             break
+        now = {k: 0 for k in peaks}
         for p in procs:
             try:
-                rss = p.memory_info().rss
+                rss, private = _mem(p)
                 name = " ".join(p.cmdline()[:1])
             except psutil.Error:
                 continue
             role = "driver" if p.pid == root.pid else ("actor" if name.startswith("ray::") else "other")
-            peaks[role] = max(peaks[role], rss)
+            now[role] = max(now[role], rss)
+            now[f"{role}_private"] = max(now[f"{role}_private"], private)
+        for k, v in now.items():
+            peaks[k] = max(peaks[k], v)
+        elapsed = time.perf_counter() - t0
+        if trace is not None and elapsed >= next_trace:
+            trace.append({"s": round(elapsed, 1), **{k: round(v / 2**20, 1) for k, v in now.items()}})
+            next_trace = elapsed + 5.0
         time.sleep(0.25)
     proc.wait()
     log.seek(0)
@@ -112,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="override embed.actor_niceness (e.g. 10 for a memory run beside other work)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     ap.add_argument("--out-json", type=Path, help="also write the JSON result here")
+    ap.add_argument("--memory-trace", type=Path,
+                    help="write the Ray run's per-role memory every 5 s here (JSON lines)")
     args = ap.parse_args(argv)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             d, dpeak = _run_sampled(direct_cmd, env)
             direct_runs.append(d["rows"] / d["seconds"])
             result["direct_peak_rss_mb"] = dpeak["driver"]
+        trace: list[dict] = []
         r, rpeak = _run_sampled([sys.executable, "-c", RAY, titles, str(Path(tmp) / "emb.parquet"), str(args.threads),
                                  str(args.batch_size), str(os.cpu_count() or 1), str(Path(tmp) / "ray"),
                                  "default" if args.actor_niceness is None else str(args.actor_niceness),
-                                 args.device, args.model, str(args.rows_per_batch)], env)
+                                 args.device, args.model, str(args.rows_per_batch)], env, trace)
+        if args.memory_trace:
+            args.memory_trace.write_text("".join(json.dumps(row) + "\n" for row in trace))
         result["ray_titles_per_s"] = round(r["rows"] / r["seconds"], 1)
         result["ray_seconds"] = round(r["seconds"], 2)
         result["ray_stage_seconds"] = round(r["stage_seconds"], 2)
@@ -150,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             result["ratio"] = round(result["ray_titles_per_s"] / result["direct_titles_per_s"], 3)
         result["driver_peak_rss_mb"] = rpeak["driver"]
         result["actor_peak_rss_mb"] = rpeak["actor"]
+        # private = RSS less shared pages: the object store's pages a process touched count in its RSS
+        result["driver_peak_private_mb"] = rpeak["driver_private"]
+        result["actor_peak_private_mb"] = rpeak["actor_private"]
         result["peak_rss_mb"] = max(rpeak["driver"], rpeak["actor"])
     line = json.dumps(result)
     print(line)

@@ -60,7 +60,9 @@ def head(tmp_path_factory):
 
 def test_submitted_pipeline_succeeds_and_matches_lane_run(head, ml100k_dir, tmp_path, capsys):
     address, env = head
-    args = ["run", "--dataset", str(ml100k_dir), "--set", "train.epochs=2", "--set", "train.threads_per_worker=1"]
+    # one explanation per run: the explain stage runs twice here and is covered at length in test_explain/test_run
+    args = ["run", "--dataset", str(ml100k_dir), "--set", "train.epochs=2", "--set", "train.threads_per_worker=1",
+            "--set", "run.explain_users=1", "--set", "explain.top_k=1"]
     job_out = tmp_path / "job"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "lane_ray.cli", "submit", "--address", address, "--timeout", "900",
