@@ -158,6 +158,11 @@ class EmbedConfig(_Section):
     rows_per_block: int = Field(
         20_000, ge=100, description="Target rows per Ray Data block when reading the input (parallelism)."
     )
+    plan_bucket_rows: int = Field(
+        65_536, ge=1024,
+        description="Rows per bucket of the driver's plan (which texts to embed): the driver holds one bucket "
+        "(~100 bytes per row) at a time, the rest is spilled to $TMPDIR (~40 bytes per input row).",
+    )
     min_actors: int = Field(1, ge=1, description="Minimum size of the encoder actor pool.")
     max_actors: int | None = Field(
         None, ge=1,

@@ -51,3 +51,29 @@ def set_niceness(niceness: int | None) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
     except OSError:
         pass
+
+
+_MMAP_THRESHOLD_SET = False
+
+
+def return_freed_memory(threshold: int = 128 * 1024) -> None:
+    """Make glibc hand large freed blocks back to the system at once (this process, from now on).
+
+    glibc serves blocks above ``M_MMAP_THRESHOLD`` with their own mapping, returned on free, but it raises that
+    threshold (up to 32 MB) each time such a block is freed; after that, Arrow batches and numpy temporaries
+    come from the heap and stay there once freed, so a process streaming N rows grew with N (measured on the
+    embedding planner: +29 MB from 100k to 1M rows, flat with the threshold fixed). Setting the threshold
+    explicitly turns the adjustment off. A no-op elsewhere than glibc."""
+    global _MMAP_THRESHOLD_SET
+    if _MMAP_THRESHOLD_SET:
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    _MMAP_THRESHOLD_SET = True

@@ -8,9 +8,10 @@ Output: a directory (``item_embeddings.parquet/``) of ``part-<uuid>.parquet`` fi
 
 How it stays incremental, resumable and duplicate-free:
 
-1. *Plan* (driver, streaming): every input row gets a key from its key columns and its text's SHA-1; keys
-   already present in the output with the same encoder are not embedded again. Changed titles have new
-   keys, so only they (and new rows) are embedded.
+1. *Plan* (driver, streaming, bucketed): every input row gets a key from its key columns and its text's SHA-1;
+   keys already present in the output with the same encoder are not embedded again. Changed titles have new
+   keys, so only they (and new rows) are embedded. Rows are spilled to disk in buckets by key columns and
+   planned one bucket at a time, so the driver's memory does not grow with the catalogue.
 2. *Embed* (Ray Data): ``read_parquet`` → filter to the planned keys → ``map_batches`` with a callable
    encoder class on an actor pool (``concurrency=(min, max)``, ``num_gpus`` per actor when the cluster has
    GPUs) → a datasink that writes each block to a temporary name and renames it: a part file exists whole
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,16 +59,96 @@ CATALOG_TEXTS = TextTable(("item_id",), "title")
 
 
 # ---------------------------------------------------------------------------------------------- plan
+#
+# The plan never holds all keys at once: rows are spilled to bucket files by the hash of their key columns
+# (a repeated key always lands in the same bucket) and each bucket is planned on its own, so the driver's
+# memory is bounded by one bucket (``embed.plan_bucket_rows``), not by the catalogue. The spill files live in
+# a temporary folder (about 40 bytes per input row on disk) that is removed when the stage ends.
+
+MAX_BUCKETS = 256  # open spill files at once; beyond MAX_BUCKETS * plan_bucket_rows rows, buckets grow
+
+
+def _bucket_bits(rows: int, bucket_rows: int) -> int:
+    bits = 0
+    while (rows >> bits) > bucket_rows and (1 << bits) < MAX_BUCKETS:
+        bits += 1
+    return bits
+
+
+def _bucket_of(ids: np.ndarray, bits: int) -> np.ndarray:
+    return (ids >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(ids.size, np.int64)
+
+
+class _Spill:
+    """Append-only binary files of fixed-size records, one per bucket."""
+
+    def __init__(self, folder: Path, name: str, dtype: np.dtype, bits: int) -> None:
+        self.paths = [folder / f"{name}-{b:03d}.bin" for b in range(1 << bits)]
+        self.dtype, self.bits = dtype, bits
+        self._files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 - closed in close()
+
+    def add(self, ids: np.ndarray, records: np.ndarray) -> None:
+        bucket = _bucket_of(ids, self.bits)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange((1 << self.bits) + 1))
+        for b in range(1 << self.bits):
+            if bounds[b + 1] > bounds[b]:
+                records[order[bounds[b] : bounds[b + 1]]].tofile(self._files[b])
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def load(self, b: int) -> np.ndarray:
+        return np.fromfile(self.paths[b], dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class KeyFilter:
+    """Which planned rows Ray tasks embed: ``keep`` (embed keys in ``keys``) or ``skip`` (embed valid keys not in
+    ``keys``), whichever list is shorter. ``keys`` holds one sorted segment per bucket (``offsets``)."""
+
+    mode: str
+    keys: np.ndarray
+    offsets: np.ndarray
+    bits: int
+
+    def contains(self, ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(keys.size, dtype=bool)
+        bucket = _bucket_of(ids, self.bits)
+        for b in np.unique(bucket):
+            seg = self.keys[self.offsets[b] : self.offsets[b + 1]]
+            if seg.size == 0:
+                continue
+            rows = np.flatnonzero(bucket == b)
+            pos = np.minimum(np.searchsorted(seg, keys[rows]), seg.size - 1)
+            found[rows] = seg[pos] == keys[rows]
+        return found
+
+    def wanted(self, ids: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        hit = self.contains(ids, keys)
+        return valid & (hit if self.mode == "keep" else ~hit)
 
 
 @dataclass
 class Plan:
     rows: int
-    current: np.ndarray  # uint64 keys the output must hold when done (sorted, unique)
-    todo: np.ndarray  # uint64 keys to embed now (sorted)
+    n_current: int  # distinct keys the output must hold when done
+    n_todo: int  # keys to embed now
     reused: int
     counts: dict[str, int]
     rejects: pa.Table
+    bits: int  # buckets = 2 ** bits
+    folder: Path  # spill folder: current-<b>.npy (sorted keys per bucket), <filter_mode>.npy + offsets.npy
+    filter_mode: str = "keep"
+
+    def current(self, b: int) -> np.ndarray:
+        return np.load(self.folder / f"current-{b:03d}.npy")
+
+    def key_filter(self) -> KeyFilter:
+        """The filter for Ray tasks; its key array is memory-mapped, so ray.put copies it from the page cache."""
+        keys = np.load(self.folder / f"{'todo' if self.filter_mode == 'keep' else 'skip'}.npy", mmap_mode="r")
+        return KeyFilter(self.filter_mode, keys, np.load(self.folder / "offsets.npy"), self.bits)
 
 
 def _input_dataset(path: Path, spec: TextTable) -> pads.Dataset:
@@ -106,9 +188,24 @@ def _existing_parts(out: Path, enc_id: str, counts: dict[str, int]) -> list[Path
     return keep
 
 
-def _part_keys(part: Path, spec: TextTable) -> np.ndarray:
-    t = pq.read_table(part, columns=[*spec.key_columns, "text_sha1"])
-    return key64([t[c].to_numpy() for c in spec.key_columns], t["text_sha1"].to_pylist())
+PART_ROW = np.dtype([("id", np.uint64), ("key", np.uint64), ("part", np.int32), ("row", np.int32)])
+
+
+def _spill_parts(parts: list[Path], spec: TextTable, folder: Path, bits: int) -> _Spill:
+    """Keys of every row of ``parts``, bucketed, with where the row is (part index, row index)."""
+    spill = _Spill(folder, "parts", PART_ROW, bits)
+    try:
+        for i, part in enumerate(parts):
+            t = pq.read_table(part, columns=[*spec.key_columns, "text_sha1"])
+            cols = [t[c].to_numpy() for c in spec.key_columns]
+            rec = np.empty(t.num_rows, PART_ROW)
+            rec["id"] = id64(cols)
+            rec["key"] = key64(cols, t["text_sha1"].to_pylist())
+            rec["part"], rec["row"] = i, np.arange(t.num_rows)
+            spill.add(rec["id"], rec)
+    finally:
+        spill.close()
+    return spill
 
 
 def _stream_batches(ds: pads.Dataset, columns: list[str], batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
@@ -117,7 +214,7 @@ def _stream_batches(ds: pads.Dataset, columns: list[str], batch_size: int = 65_5
     Measured on 1M synthetic titles: the dataset scanner's read-ahead held whole row groups (Arrow pool peak
     65 MB vs 10 MB at 100k) and the default mimalloc pool kept the freed pages, so the planner's RSS grew
     ~4x faster than the row count. Reading file by file without read-ahead, into the system pool (which
-    returns freed memory), keeps the planner's own memory at the 16 bytes per row it really needs."""
+    returns freed memory), keeps the planner's memory bounded by one batch plus one bucket."""
     pool, previous = pa.system_memory_pool(), pa.default_memory_pool()
     pa.set_memory_pool(pool)  # buffers remember their pool, so restoring the default later is safe
     try:
@@ -129,67 +226,116 @@ def _stream_batches(ds: pads.Dataset, columns: list[str], batch_size: int = 65_5
         pa.set_memory_pool(previous)
 
 
-def plan(input_path: Path, out: Path, spec: TextTable, enc_id: str, max_chars: int) -> Plan:
+def _join_segments(folder: Path, name: str, sizes: list[int]) -> None:
+    """Join the per-bucket sorted key files ``<name>-<b>.npy`` into one ``<name>.npy`` plus ``offsets.npy``,
+    through a memory map (the joined array never sits in the driver's own memory)."""
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(sizes)
+    out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.uint64, shape=(int(offsets[-1]),))
+    for b, lo in enumerate(offsets[:-1]):
+        seg = np.load(folder / f"{name}-{b:03d}.npy")
+        out[lo : lo + seg.size] = seg
+    out.flush()
+    del out
+    np.save(folder / "offsets.npy", offsets)
+
+
+def _plan_batch(batch: pa.RecordBatch, start: int, spec: TextTable, max_chars: int, input_path: Path,
+                row_t: np.dtype, spill: _Spill, counts: dict[str, int], reject_keys: list[np.ndarray],
+                reject_reasons: list[str]) -> int:
+    """Spill one input batch's rows (key hashes, validity, position); collect its rejects. Returns its rows."""
+    if batch.num_rows == 0:
+        return 0
+    if any(batch.column(c).null_count for c in spec.key_columns):
+        raise DataError("key column has NULL values", file=input_path,
+                        field=next(c for c in spec.key_columns if batch.column(c).null_count))
+    key_cols = [batch.column(c).to_numpy(zero_copy_only=False) for c in spec.key_columns]
+    cb = clean_texts(batch.column(spec.text_column), max_chars)
+    for k in ("null_text", "empty_text", "invalid_utf8", "truncated"):
+        counts[k] += cb.counts[k]
+    rec = np.empty(batch.num_rows, row_t)
+    rec["id"], rec["key"], rec["valid"] = id64(key_cols), batch_keys(key_cols, cb), cb.valid
+    rec["pos"] = np.arange(start, start + batch.num_rows)
+    rec["k"] = np.stack(key_cols, axis=1).astype(np.int64)
+    spill.add(rec["id"], rec)
+    bad = np.flatnonzero(~cb.valid)
+    if bad.size:
+        reject_keys.append(rec["k"][bad])
+        reject_reasons.extend(cb.reasons[i] for i in bad)  # type: ignore[misc]
+    return batch.num_rows
+
+
+def plan(input_path: Path, out: Path, spec: TextTable, enc_id: str, max_chars: int, folder: Path,
+         bucket_rows: int = 65_536) -> Plan:
+    """Plan the stage into ``folder`` (a scratch folder the caller removes): see the module docstring."""
     counts = {"null_text": 0, "empty_text": 0, "invalid_utf8": 0, "truncated": 0, "duplicate_key": 0,
               "discarded_unfinished_writes": 0, "discarded_corrupt_parts": 0, "discarded_other_encoder_rows": 0}
     ds = _input_dataset(input_path, spec)
-    ids, keys, valid = [], [], []
-    reject_keys: dict[str, list] = {c: [] for c in spec.key_columns}
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in ds.files)
+    bits = _bucket_bits(total, bucket_rows)
+    nk = len(spec.key_columns)
+    row_t = np.dtype([("id", np.uint64), ("key", np.uint64), ("pos", np.int64), ("valid", np.bool_),
+                      ("k", np.int64, (nk,))])
+    spill = _Spill(folder, "input", row_t, bits)
+    reject_keys: list[np.ndarray] = []
     reject_reasons: list[str] = []
-    for batch in _stream_batches(ds, [*spec.key_columns, spec.text_column]):
-        if batch.num_rows == 0:
-            continue
-        key_cols = [batch.column(c).to_numpy(zero_copy_only=False) for c in spec.key_columns]
-        if any(batch.column(c).null_count for c in spec.key_columns):
-            raise DataError("key column has NULL values", file=input_path,
-                            field=next(c for c in spec.key_columns if batch.column(c).null_count))
-        cb = clean_texts(batch.column(spec.text_column), max_chars)
-        for k in ("null_text", "empty_text", "invalid_utf8", "truncated"):
-            counts[k] += cb.counts[k]
-        ids.append(id64(key_cols))
-        keys.append(batch_keys(key_cols, cb))
-        valid.append(cb.valid)
-        for i in np.flatnonzero(~cb.valid):
-            for c, col in zip(spec.key_columns, key_cols, strict=True):
-                reject_keys[c].append(int(col[i]))
-            reject_reasons.append(cb.reasons[i])  # type: ignore[arg-type]
-        # keep key columns of invalid rows only; valid rows are found again by key
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
-    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-    all_valid = np.concatenate(valid) if valid else np.zeros(0, bool)
-    ids = keys = valid = []  # noqa: F841 - drop the per-batch arrays before the set operations
-    first = np.zeros(all_ids.size, dtype=bool)
-    first[np.unique(all_ids, return_index=True)[1]] = True
-    dup = ~first
-    counts["duplicate_key"] = int(dup.sum())
-    if dup.any():
-        # name the duplicate rows in the rejects file: read their keys back (rare path)
-        dup_rows = np.flatnonzero(dup)
-        table = ds.to_table(columns=list(spec.key_columns))
-        for c in spec.key_columns:
-            reject_keys[c].extend(table[c].to_numpy()[dup_rows].tolist())
-        reject_reasons.extend(["duplicate_key"] * dup_rows.size)
-    current = np.unique(all_keys[all_valid & first])
-    existing = [_part_keys(p, spec) for p in _existing_parts(out, enc_id, counts)]
-    have = np.unique(np.concatenate(existing)) if existing else np.zeros(0, np.uint64)
-    todo = np.setdiff1d(current, have, assume_unique=True)
-    rejects = pa.table({**{c: pa.array(v, pa.int64()) for c, v in reject_keys.items()},
+    rows = 0
+    try:
+        for batch in _stream_batches(ds, [*spec.key_columns, spec.text_column]):
+            # one function call per batch: its Python strings are all freed before the next batch is read
+            # (two batches alive at once fragmented the heap: the driver crept ~1 MB per batch)
+            rows += _plan_batch(batch, rows, spec, max_chars, input_path, row_t, spill, counts, reject_keys,
+                                reject_reasons)
+    finally:
+        spill.close()
+    parts = _spill_parts(_existing_parts(out, enc_id, counts), spec, folder, bits)
+    n_current = 0
+    sizes: dict[str, list[int]] = {"todo": [], "skip": []}
+    dup_pos, dup_keys = [], []
+    for b in range(1 << bits):
+        rec = spill.load(b)
+        order = np.lexsort((rec["pos"], rec["id"]))  # by key columns, then input order: the first row wins
+        first = np.ones(rec.size, dtype=bool)
+        first[order[1:]] = rec["id"][order[1:]] != rec["id"][order[:-1]]
+        dup = ~first
+        dup_pos.append(rec["pos"][dup])
+        dup_keys.append(rec["k"][dup])
+        current = np.unique(rec["key"][rec["valid"] & first])
+        np.save(folder / f"current-{b:03d}.npy", current)
+        have = np.unique(parts.load(b)["key"])
+        todo = np.setdiff1d(current, have, assume_unique=True)
+        # rows a task must not embed although valid: done already, or a repeated key with another text
+        repeated = np.setdiff1d(rec["key"][dup & rec["valid"]], current)
+        skip = np.union1d(np.intersect1d(current, have, assume_unique=True), repeated)
+        for name, keys in (("todo", todo), ("skip", skip)):
+            np.save(folder / f"{name}-{b:03d}.npy", keys)
+            sizes[name].append(keys.size)
+        n_current += current.size
+        del rec, order, first, dup, current, have, todo, skip
+    n_todo = sum(sizes["todo"])
+    mode = "keep" if n_todo <= sum(sizes["skip"]) else "skip"
+    name = "todo" if mode == "keep" else "skip"
+    _join_segments(folder, name, sizes[name])
+    dpos = np.concatenate(dup_pos)
+    counts["duplicate_key"] = int(dpos.size)
+    if dpos.size:
+        reject_keys.append(np.concatenate(dup_keys)[np.argsort(dpos, kind="stable")])
+        reject_reasons.extend(["duplicate_key"] * dpos.size)
+    rk = np.concatenate(reject_keys) if reject_keys else np.zeros((0, nk), np.int64)
+    rejects = pa.table({**{c: pa.array(rk[:, i], pa.int64()) for i, c in enumerate(spec.key_columns)},
                         "reason": pa.array(reject_reasons, pa.string())})
-    return Plan(int(all_ids.size), current, todo, int(current.size - todo.size), counts, rejects)
+    return Plan(rows, n_current, n_todo, n_current - n_todo, counts, rejects, bits, folder, mode)
 
 
 # ---------------------------------------------------------------------------------------- Ray parts
 
 
-def select_rows(batch: pa.Table, todo: np.ndarray, key_columns: tuple[str, ...], text_column: str,
+def select_rows(batch: pa.Table, flt: KeyFilter, key_columns: tuple[str, ...], text_column: str,
                 max_chars: int) -> pa.Table:
-    """Rows of ``batch`` whose key is in ``todo``, as (keys..., text, text_sha1). Runs in Ray tasks."""
+    """Rows of ``batch`` the plan wants embedded, as (keys..., text, text_sha1). Runs in Ray tasks."""
     cb = clean_texts(batch.column(text_column), max_chars)
     keys = [batch.column(c).to_numpy(zero_copy_only=False) for c in key_columns]
-    k64 = batch_keys(keys, cb)
-    pos = np.minimum(np.searchsorted(todo, k64), max(todo.size - 1, 0))
-    keep = cb.valid & (todo.size > 0) & (todo[pos] == k64) if todo.size else np.zeros(batch.num_rows, bool)
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(flt.wanted(id64(keys), batch_keys(keys, cb), cb.valid))
     return pa.table({
         **{c: pa.array(k[idx], pa.int64()) for c, k in zip(key_columns, keys, strict=True)},
         "text": pa.array([cb.texts[i] for i in idx], pa.string()),
@@ -197,11 +343,11 @@ def select_rows(batch: pa.Table, todo: np.ndarray, key_columns: tuple[str, ...],
     })
 
 
-def _select_rows_task(batch: pa.Table, todo_ref: Any, **kwargs: Any) -> pa.Table:
+def _select_rows_task(batch: pa.Table, filter_ref: Any, **kwargs: Any) -> pa.Table:
     import ray
 
     # map_batches does not resolve ObjectRefs in fn_kwargs; the get is a zero-copy read from the object store.
-    return select_rows(batch, ray.get(todo_ref), **kwargs)
+    return select_rows(batch, ray.get(filter_ref), **kwargs)
 
 
 class EncodeBatch:
@@ -209,10 +355,11 @@ class EncodeBatch:
 
     def __init__(self, model: str, device: str, batch_size: int, fp16: bool | None, num_threads: int | None,
                  key_columns: tuple[str, ...], niceness: int | None = None) -> None:
-        from lane_ray.pipeline.cluster import set_niceness
+        from lane_ray.pipeline.cluster import return_freed_memory, set_niceness
         from lane_ray.text import TextEncoder
 
         set_niceness(niceness)
+        return_freed_memory()
 
         self.encoder = TextEncoder(model, device=device, batch_size=batch_size, fp16=fp16, num_threads=num_threads)
         self.key_columns = key_columns
@@ -239,22 +386,22 @@ def _pool(cfg: EmbedConfig, resources: dict[str, float]) -> dict[str, Any]:
             "num_gpus": 0, "num_cpus": cfg.cpus_per_actor, "device": "cpu"}
 
 
-def _run_ray(input_path: Path, out: Path, spec: TextTable, todo: np.ndarray, rows: int, cfg: EmbedConfig,
-             ray_cfg: RayConfig, enc_id: str, dim: int) -> dict[str, Any]:
+def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedConfig, ray_cfg: RayConfig,
+             enc_id: str, dim: int) -> dict[str, Any]:
     import ray
 
     from lane_ray.pipeline.cluster import init_ray
 
     resources = init_ray(ray_cfg)
     pool = _pool(cfg, resources)
-    n_blocks = max(2 * pool["max"], math.ceil(rows / cfg.rows_per_block))
-    log(f"embed: {todo.size:,} texts on {pool['min']}..{pool['max']} {'GPU' if pool['use_gpu'] else 'CPU'} "
+    n_blocks = max(2 * pool["max"], math.ceil(p.rows / cfg.rows_per_block))
+    log(f"embed: {p.n_todo:,} texts on {pool['min']}..{pool['max']} {'GPU' if pool['use_gpu'] else 'CPU'} "
         f"actor(s)" + (f" x {pool['threads']} threads" if pool["threads"] else "") + f", {n_blocks} blocks")
     t0 = time.perf_counter()
     ds = ray.data.read_parquet([str(p) for p in parquet_files(input_path)], override_num_blocks=n_blocks)
     ds = ds.select_columns([*spec.key_columns, spec.text_column])  # pushed down into the Parquet read
     ds = ds.map_batches(_select_rows_task, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                        fn_kwargs={"todo_ref": ray.put(todo), "key_columns": spec.key_columns,
+                        fn_kwargs={"filter_ref": ray.put(p.key_filter()), "key_columns": spec.key_columns,
                                    "text_column": spec.text_column, "max_chars": cfg.max_chars})
     # Blocks of one encoder batch each, so every actor of the pool gets work (a Parquet file often reads as
     # one block); this repartition streams, it does not materialise the dataset.
@@ -275,32 +422,37 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, todo: np.ndarray, row
 # ------------------------------------------------------------------------------------------ compact
 
 
-def compact(out: Path, spec: TextTable, current: np.ndarray) -> dict[str, int]:
-    """Remove rows whose key is not in ``current`` and repeated keys; rewrite touched parts atomically."""
+def compact(out: Path, spec: TextTable, p: Plan) -> dict[str, int]:
+    """Remove rows whose key is not current and repeated keys; rewrite touched parts atomically. Works bucket by
+    bucket like the plan; returns the counts and the rows the output holds afterwards."""
     parts = sorted(out.glob(f"{PART_PREFIX}*.parquet"))
-    keys = [_part_keys(p, spec) for p in parts]
-    stats = {"removed_stale": 0, "removed_duplicates": 0}
+    stats = {"removed_stale": 0, "removed_duplicates": 0, "rows": 0}
     if not parts:
         return stats
-    flat = np.concatenate(keys)
-    first = np.zeros(flat.size, dtype=bool)
-    first[np.unique(flat, return_index=True)[1]] = True
-    pos = np.minimum(np.searchsorted(current, flat), max(current.size - 1, 0))
-    live = (current[pos] == flat) if current.size else np.zeros(flat.size, bool)
-    stats["removed_stale"] = int((~live).sum())
-    stats["removed_duplicates"] = int((live & ~first).sum())
-    keep = live & first
-    start = 0
-    for part, k in zip(parts, keys, strict=True):
-        m = keep[start : start + k.size]
-        start += k.size
-        if m.all():
-            continue
-        if not m.any():
+    spill = _spill_parts(parts, spec, p.folder, p.bits)
+    drops: list[np.ndarray] = []  # (part, row) of every row to remove
+    for b in range(1 << p.bits):
+        rec, current = spill.load(b), p.current(b)
+        pos = np.minimum(np.searchsorted(current, rec["key"]), max(current.size - 1, 0))
+        live = (current[pos] == rec["key"]) if current.size else np.zeros(rec.size, bool)
+        first = np.zeros(rec.size, dtype=bool)
+        first[np.unique(rec["key"], return_index=True)[1]] = True
+        stats["removed_stale"] += int((~live).sum())
+        stats["removed_duplicates"] += int((live & ~first).sum())
+        stats["rows"] += int((live & first).sum())
+        drop = rec[~(live & first)]
+        drops.append(np.stack([drop["part"].astype(np.int64), drop["row"].astype(np.int64)], axis=1))
+    drop_all = np.concatenate(drops)
+    for i in np.unique(drop_all[:, 0]):
+        part = parts[i]
+        rows = drop_all[drop_all[:, 0] == i, 1]
+        n = pq.read_metadata(part).num_rows
+        if rows.size >= n:
             part.unlink()
             continue
-        table = pq.read_table(part)
-        write_parquet(part, table.filter(pa.array(m)))
+        keep = np.ones(n, dtype=bool)
+        keep[rows] = False
+        write_parquet(part, pq.read_table(part).filter(pa.array(keep)))
     return stats
 
 
@@ -310,8 +462,10 @@ def compact(out: Path, spec: TextTable, current: np.ndarray) -> dict[str, int]:
 def embed_texts(input_path: str | Path, out_path: str | Path, cfg: EmbedConfig, ray_cfg: RayConfig,
                 spec: TextTable = CATALOG_TEXTS) -> dict[str, Any]:
     """Embed the texts of ``input_path`` into ``out_path`` (see the module docstring); returns the manifest."""
+    from lane_ray.pipeline.cluster import return_freed_memory
     from lane_ray.text import encoder_id
 
+    return_freed_memory()  # the driver streams the whole input: keep its memory flat
     input_path, out = Path(input_path), Path(out_path)
     if out.exists() and not out.is_dir():
         raise DataError("output exists and is a file; give a directory name such as item_embeddings.parquet",
@@ -319,19 +473,20 @@ def embed_texts(input_path: str | Path, out_path: str | Path, cfg: EmbedConfig, 
     t0 = time.perf_counter()
     enc_id = encoder_id(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
-    with RssSampler() as rss:
-        p = plan(input_path, out, spec, enc_id, cfg.max_chars)
-        log(f"embed: {p.rows:,} rows, {p.current.size:,} distinct texts: {p.reused:,} already embedded, "
-            f"{p.todo.size:,} to embed, {len(p.rejects):,} rejected")
+    # the plan's spill files (about 40 bytes per input row) go to the system's temporary folder ($TMPDIR)
+    with RssSampler() as rss, tempfile.TemporaryDirectory(prefix="lane-embed-plan-") as scratch:
+        p = plan(input_path, out, spec, enc_id, cfg.max_chars, Path(scratch), cfg.plan_bucket_rows)
+        log(f"embed: {p.rows:,} rows, {p.n_current:,} distinct texts: {p.reused:,} already embedded, "
+            f"{p.n_todo:,} to embed, {len(p.rejects):,} rejected")
         run: dict[str, Any] = {"seconds": 0.0}
         dim = _model_dim(cfg.model)
-        if p.todo.size:
-            expect(int(p.todo.size), NewEntries(out), "texts")
-            run = _run_ray(input_path, out, spec, p.todo, p.rows, cfg, ray_cfg, enc_id, dim)
-        comp = compact(out, spec, p.current)
+        if p.n_todo:
+            expect(p.n_todo, NewEntries(out), "texts")
+            run = _run_ray(input_path, out, spec, p, cfg, ray_cfg, enc_id, dim)
+        comp = compact(out, spec, p)
     rows_out = sum(pq.read_metadata(f).num_rows for f in out.glob(f"{PART_PREFIX}*.parquet"))
-    if rows_out != p.current.size:
-        raise DataError(f"expected {p.current.size} embeddings after the run, found {rows_out}; re-run to "
+    if rows_out != p.n_current or comp.pop("rows", rows_out) != rows_out:
+        raise DataError(f"expected {p.n_current} embeddings after the run, found {rows_out}; re-run to "
                         "complete", file=out)
     rejects_path = out / "_rejects.parquet"
     if len(p.rejects):
@@ -341,10 +496,11 @@ def embed_texts(input_path: str | Path, out_path: str | Path, cfg: EmbedConfig, 
     manifest = {
         "encoder": enc_id, "model": cfg.model, "dim": dim, "input": str(input_path),
         "key_columns": list(spec.key_columns), "text_column": spec.text_column,
-        "input_rows": p.rows, "rows": rows_out, "embedded_now": int(p.todo.size), "reused": p.reused,
+        "input_rows": p.rows, "rows": rows_out, "embedded_now": p.n_todo, "reused": p.reused,
         "rejected": int(len(p.rejects)), "counts": {**p.counts, **comp},
         "seconds": round(time.perf_counter() - t0, 3), "embed_seconds": run["seconds"],
-        "driver_peak_rss_mb": rss.peak_mb, "ray": {k: v for k, v in run.items() if k != "seconds"},
+        "driver_peak_rss_mb": rss.peak_mb, "plan_buckets": 1 << p.bits,
+        "ray": {k: v for k, v in run.items() if k != "seconds"},
     }
     write_json(out / "_manifest.json", manifest)
     return manifest
