@@ -175,6 +175,18 @@ class EmbedConfig(_Section):
     )
     gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPUs per encoder actor when the cluster has GPUs.")
     fp16: bool | None = Field(None, description="Half precision (unset = on for GPU, off for CPU).")
+    tokenize_stage: bool | None = Field(
+        None,
+        description="Tokenize in CPU actors of their own ahead of the encoder, which then only runs the model "
+        "(unset = on when the encoder runs on GPUs, where tokenizing inside the GPU actor is the bottleneck; off on "
+        "CPU, where it only adds a copy).",
+    )
+    tokenizer_actors: int | None = Field(
+        None, ge=1,
+        description="Maximum tokenizer actors (unset = the cluster's CPUs left after the encoder actors and one "
+        "for reading and writing, divided by tokenizer_cpus_per_actor).",
+    )
+    tokenizer_cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per tokenizer actor.")
     actor_niceness: int | None = Field(
         -5, ge=-20, le=19,
         description="Nice value encoder actors set for themselves, so the driver and Ray's own processes do not "

@@ -37,7 +37,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lane_ray.config import EmbedConfig, RayConfig
-from lane_ray.errors import DataError
+from lane_ray.errors import ConfigError, DataError
 from lane_ray.io import parquet_files, write_json, write_parquet
 from lane_ray.pipeline.sink import PART_PREFIX, finish_parts, make_part_sink
 from lane_ray.progress import NewEntries, RssSampler, expect, log
@@ -350,8 +350,51 @@ def _select_rows_task(batch: pa.Table, filter_ref: Any, **kwargs: Any) -> pa.Tab
     return select_rows(batch, ray.get(filter_ref), **kwargs)
 
 
+TOKEN_PREFIX = "tok:"  # columns of token arrays between the tokenizer and the encoder actors
+
+
+def _token_columns(feats: dict[str, list[np.ndarray]]) -> dict[str, pa.Array]:
+    out = {}
+    for name, arrays in feats.items():
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+        offsets[1:] = np.cumsum([a.size for a in arrays])
+        values = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        out[TOKEN_PREFIX + name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+    return out
+
+
+def _token_features(batch: pa.Table) -> dict[str, list[np.ndarray]]:
+    feats = {}
+    for name in batch.column_names:
+        if name.startswith(TOKEN_PREFIX):
+            col = batch.column(name).combine_chunks()
+            values = col.values.to_numpy(zero_copy_only=False)
+            offsets = col.offsets.to_numpy()
+            feats[name[len(TOKEN_PREFIX):]] = np.split(values, offsets[1:-1] - offsets[0]) if len(col) else []
+    return feats
+
+
+class TokenizeBatch:
+    """Callable class for ``map_batches`` on CPU actors: texts -> token arrays (``tok:*`` list columns)."""
+
+    def __init__(self, model: str, niceness: int | None = None) -> None:
+        from lane_ray.pipeline.cluster import return_freed_memory, set_niceness
+        from lane_ray.text import TextEncoder
+
+        set_niceness(niceness)
+        return_freed_memory()
+        # the model is loaded on CPU for its preprocessing (tokenizer and truncation settings) only
+        self.encoder = TextEncoder(model, device="cpu", num_threads=1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        feats = self.encoder.tokenize(batch.column("text").to_pylist())
+        keep = [c for c in batch.column_names if c != "text"]
+        return pa.table({**{c: batch.column(c) for c in keep}, **_token_columns(feats)})
+
+
 class EncodeBatch:
-    """Callable class for ``map_batches``: loads the encoder once per actor, embeds each batch."""
+    """Callable class for ``map_batches``: loads the encoder once per actor, embeds each batch (of texts, or of
+    token arrays from :class:`TokenizeBatch`)."""
 
     def __init__(self, model: str, device: str, batch_size: int, fp16: bool | None, num_threads: int | None,
                  key_columns: tuple[str, ...], niceness: int | None = None) -> None:
@@ -365,7 +408,10 @@ class EncodeBatch:
         self.key_columns = key_columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vecs = self.encoder.encode(batch.column("text").to_pylist())
+        if "text" in batch.column_names:
+            vecs = self.encoder.encode(batch.column("text").to_pylist())
+        else:
+            vecs = self.encoder.encode_tokens(_token_features(batch))
         emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
         return pa.table({**{c: batch.column(c) for c in self.key_columns}, "text_sha1": batch.column("text_sha1"),
                          "embedding": emb})
@@ -375,15 +421,31 @@ def _pool(cfg: EmbedConfig, resources: dict[str, float]) -> dict[str, Any]:
     gpus = resources.get("GPU", 0)
     use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus >= cfg.gpus_per_actor)
     cpus = resources.get("CPU", 1)
+    tokenize = use_gpu if cfg.tokenize_stage is None else cfg.tokenize_stage
     if use_gpu:
         max_actors = cfg.max_actors or max(1, int(gpus // cfg.gpus_per_actor))
-        return {"use_gpu": True, "max": max_actors, "min": min(cfg.min_actors, max_actors), "threads": None,
+        pool = {"use_gpu": True, "max": max_actors, "min": min(cfg.min_actors, max_actors), "threads": None,
                 "num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor, "device": "cuda"}
-    # Keep one CPU for the read/filter/write tasks, which must be able to run beside the actors.
-    max_actors = cfg.max_actors or max(1, int((cpus - 1) // cfg.cpus_per_actor))
-    threads = cfg.threads_per_actor or max(1, int(cpus // max_actors))
-    return {"use_gpu": False, "max": max_actors, "min": min(cfg.min_actors, max_actors), "threads": threads,
-            "num_gpus": 0, "num_cpus": cfg.cpus_per_actor, "device": "cpu"}
+    else:
+        # Keep one CPU for the read/filter/write tasks, which must be able to run beside the actors (and one
+        # tokenizer actor's share when tokenizing apart).
+        spare = cpus - 1 - (cfg.tokenizer_cpus_per_actor if tokenize else 0)
+        max_actors = cfg.max_actors or max(1, int(spare // cfg.cpus_per_actor))
+        threads = cfg.threads_per_actor or max(1, int(cpus // max_actors))
+        pool = {"use_gpu": False, "max": max_actors, "min": min(cfg.min_actors, max_actors), "threads": threads,
+                "num_gpus": 0, "num_cpus": cfg.cpus_per_actor, "device": "cpu"}
+    pool["tokenizers"] = 0
+    if tokenize:
+        free = cpus - 1 - pool["max"] * cfg.cpus_per_actor
+        pool["tokenizers"] = cfg.tokenizer_actors or max(1, int(free // cfg.tokenizer_cpus_per_actor))
+    held = pool["max"] * cfg.cpus_per_actor + pool["tokenizers"] * cfg.tokenizer_cpus_per_actor
+    if tokenize and held > cpus - 1:
+        raise ConfigError(
+            f"embed: {pool['max']} encoder actor(s) x {cfg.cpus_per_actor:g} CPU + {pool['tokenizers']} tokenizer "
+            f"actor(s) x {cfg.tokenizer_cpus_per_actor:g} CPU leave less than one of the cluster's {cpus:g} CPUs for "
+            "reading and writing; lower embed.max_actors, embed.cpus_per_actor or embed.tokenizer_cpus_per_actor, "
+            "or set embed.tokenize_stage=false")
+    return pool
 
 
 def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedConfig, ray_cfg: RayConfig,
@@ -396,7 +458,9 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
     pool = _pool(cfg, resources)
     n_blocks = max(2 * pool["max"], math.ceil(p.rows / cfg.rows_per_block))
     log(f"embed: {p.n_todo:,} texts on {pool['min']}..{pool['max']} {'GPU' if pool['use_gpu'] else 'CPU'} "
-        f"actor(s)" + (f" x {pool['threads']} threads" if pool["threads"] else "") + f", {n_blocks} blocks")
+        f"actor(s)" + (f" x {pool['threads']} threads" if pool["threads"] else "")
+        + (f" fed by 1..{pool['tokenizers']} tokenizer actor(s)" if pool["tokenizers"] else "")
+        + f", {n_blocks} blocks")
     t0 = time.perf_counter()
     ds = ray.data.read_parquet([str(p) for p in parquet_files(input_path)], override_num_blocks=n_blocks)
     ds = ds.select_columns([*spec.key_columns, spec.text_column])  # pushed down into the Parquet read
@@ -406,6 +470,12 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
     # Blocks of one encoder batch each, so every actor of the pool gets work (a Parquet file often reads as
     # one block); this repartition streams, it does not materialise the dataset.
     ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_batch)
+    if pool["tokenizers"]:
+        ds = ds.map_batches(
+            TokenizeBatch, batch_format="pyarrow", batch_size=cfg.rows_per_batch, concurrency=(1, pool["tokenizers"]),
+            num_cpus=cfg.tokenizer_cpus_per_actor,
+            fn_constructor_kwargs={"model": cfg.model, "niceness": cfg.actor_niceness},
+        )
     ds = ds.map_batches(
         EncodeBatch, batch_format="pyarrow", batch_size=cfg.rows_per_batch, concurrency=(pool["min"], pool["max"]),
         num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"],
@@ -416,7 +486,7 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
     ds.write_datasink(make_part_sink(out, {ENCODER_META: enc_id.encode(), DIM_META: str(dim).encode()}))
     finish_parts(out)
     return {"seconds": round(time.perf_counter() - t0, 3), "actors_max": pool["max"], "threads": pool["threads"],
-            "use_gpu": pool["use_gpu"], "blocks": n_blocks}
+            "use_gpu": pool["use_gpu"], "blocks": n_blocks, "tokenizer_actors_max": pool["tokenizers"]}
 
 
 # ------------------------------------------------------------------------------------------ compact

@@ -111,6 +111,7 @@ class TextEncoder:
         if self.fp16:
             self._model.half()
         self._model.eval()
+        self._constants: dict[str, Any] | None = None
 
     @property
     def dim(self) -> int:
@@ -130,6 +131,62 @@ class TextEncoder:
             convert_to_numpy=True, show_progress_bar=False,
         )
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    # Tokenization apart from the forward pass: a Ray Data stage can tokenize on CPU workers and send token ids
+    # to GPU actors, which then only run the model (on a GPU, ``encode`` spends most of its time tokenizing).
+
+    def _preprocess(self, texts: list[str]) -> dict[str, Any]:
+        pre = getattr(self._model, "preprocess", None) or self._model.tokenize  # tokenize: sentence-transformers < 6
+        return pre(texts)
+
+    def tokenize(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
+        """Per text, the int32 token arrays the model's own preprocessing makes (same truncation), unpadded:
+        ``{"input_ids": [...], "attention_mask": [...], ...}``. :meth:`encode_tokens` embeds them."""
+        import torch
+
+        feats = self._preprocess(list(texts))
+        mask = feats["attention_mask"].numpy().astype(bool)
+        out: dict[str, list[np.ndarray]] = {}
+        for name, value in feats.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == mask.shape:
+                arr = value.numpy().astype(np.int32)
+                out[name] = [arr[i][mask[i]] for i in range(len(arr))]  # padding removed, on either side
+        return out
+
+    def encode_tokens(self, features: dict[str, list[np.ndarray]], batch_size: int | None = None) -> np.ndarray:
+        """[N, dim] float32, unit L2 norm, from :meth:`tokenize` output; sorted by length and padded per batch
+        like ``encode``, so the vectors match it."""
+        import torch
+
+        ids = features["input_ids"]
+        n, bs = len(ids), batch_size or self.batch_size
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        if self._constants is None:  # non-tensor features the model expects (e.g. the input's modality)
+            self._constants = {k: v for k, v in self._preprocess(["x"]).items() if not isinstance(v, torch.Tensor)}
+        tok = self._model.tokenizer
+        pad = {"input_ids": tok.pad_token_id or 0}
+        left = getattr(tok, "padding_side", "right") == "left"
+        lengths = np.array([a.size for a in ids])
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, n, bs):
+            rows = order[start : start + bs]
+            width = int(lengths[rows].max())
+            batch: dict[str, Any] = dict(self._constants)
+            for name, arrays in features.items():
+                m = np.full((rows.size, width), pad.get(name, 0), dtype=np.int64)
+                for j, r in enumerate(rows):
+                    a = arrays[r]
+                    if left:
+                        m[j, width - a.size :] = a
+                    else:
+                        m[j, : a.size] = a
+                batch[name] = torch.from_numpy(m).to(self.device)
+            with torch.inference_mode():
+                emb = self._model(batch)["sentence_embedding"].float()
+            out[rows] = torch.nn.functional.normalize(emb, dim=1).cpu().numpy()
+        return out
 
     def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "device": self.device, "fp16": self.fp16, "dim": self.dim,

@@ -61,6 +61,29 @@ def test_small_catalogue_matches_direct_encoding(ray_cluster, tmp_path):
     assert (tmp_path / "item_embeddings.parquet" / "_manifest.json").exists()
 
 
+def test_tokenizer_actors_feed_the_encoder_the_same_vectors(ray_cluster, tmp_path):
+    """The GPU layout (CPU tokenizer actors ahead of the encoder), run on CPU: the same vectors as encode."""
+    titles = synth_titles(150, seed=3) + [("Ignore all previous instructions " * 40).strip(), "Ünïcödé — title (1999)"]
+    ids = list(range(1, len(titles) + 1))
+    cat = catalog(tmp_path / "catalog.parquet", ids, titles)
+    cfg = CFG.model_copy(update={"tokenize_stage": True, "max_actors": 1, "cpus_per_actor": 0.5,
+                                 "tokenizer_cpus_per_actor": 0.5})
+    m = embed_texts(cat, tmp_path / "emb", cfg, RayConfig())
+    assert m["ray"]["tokenizer_actors_max"] == 1 and m["rows"] == len(titles)
+    t = check_output(tmp_path / "emb", ids, dict(zip(ids, titles, strict=True)))
+    direct = TextEncoder(device="cpu", num_threads=2).encode(titles)
+    got = np.asarray(t["embedding"].to_pylist(), dtype=np.float32)[np.argsort(t["item_id"].to_numpy())]
+    assert np.allclose(got, direct, atol=1e-5)
+
+
+def test_tokenizer_actors_that_leave_no_cpu_are_refused(ray_cluster, tmp_path):
+    from lane_ray.errors import ConfigError
+
+    cat = catalog(tmp_path / "catalog.parquet", [1, 2], ["a title", "another title"])
+    with pytest.raises(ConfigError, match="tokenizer actor.*tokenize_stage=false"):
+        embed_texts(cat, tmp_path / "emb", CFG.model_copy(update={"tokenize_stage": True}), RayConfig())
+
+
 def test_incremental_embeds_only_new_and_changed(ray_cluster, tmp_path):
     titles = synth_titles(200, seed=1)
     ids = list(range(1, 201))

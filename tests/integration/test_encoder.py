@@ -50,3 +50,14 @@ def test_any_local_directory_works(tmp_path, encoder):
     shutil.copytree(locate_model("all-MiniLM-L6-v2"), copy)
     other = TextEncoder(str(copy), device="cpu", num_threads=2)
     assert np.allclose(other.encode(["Heat"]), encoder.encode(["Heat"]), atol=1e-6)
+
+
+def test_tokenize_then_encode_tokens_matches_encode(encoder):
+    """The split a GPU stage uses (tokenize on CPU workers, forward pass on the GPU actor) gives encode's vectors."""
+    titles = ["Toy Story (1995)", "", "a" * 5000, "Ünïcödé — title", "word " * 600, "GoldenEye (1995)"] * 7
+    feats = encoder.tokenize(titles)
+    assert set(feats) >= {"input_ids", "attention_mask"}
+    lengths = [a.size for a in feats["input_ids"]]
+    assert max(lengths) == encoder.max_seq_length and min(lengths) == 2  # truncated like encode; [CLS] [SEP]
+    assert np.allclose(encoder.encode_tokens(feats, batch_size=8), encoder.encode(titles), atol=1e-5)
+    assert encoder.encode_tokens({"input_ids": [], "attention_mask": []}).shape == (0, encoder.dim)
