@@ -57,14 +57,16 @@ path, out, tmp = sys.argv[1], sys.argv[2], sys.argv[6]
 threads, batch, cpus = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 nice = None if sys.argv[7] == "default" else int(sys.argv[7])
 device, model, rows_per_batch = sys.argv[8], sys.argv[9], int(sys.argv[10])
+tokenize = {"auto": None, "on": True, "off": False}[sys.argv[11]]
 from lane_ray.pipeline.cluster import init_ray
 init_ray(RayConfig(num_cpus=cpus, object_store_memory_mb=512, temp_dir=tmp))  # not timed
 cfg = EmbedConfig(model=model, batch_size=batch, rows_per_batch=rows_per_batch, device=device,
-                  threads_per_actor=threads if device == "cpu" else None)
+                  threads_per_actor=threads if device == "cpu" else None, tokenize_stage=tokenize)
 if nice is not None:
     cfg = cfg.model_copy(update={"actor_niceness": nice})
 m = embed_texts(path, out, cfg, RayConfig())
-print(json.dumps({"seconds": m["embed_seconds"], "stage_seconds": m["seconds"], "rows": m["rows"]}))
+print(json.dumps({"seconds": m["embed_seconds"], "stage_seconds": m["seconds"], "rows": m["rows"],
+                  "tokenizer_actors_max": m["ray"].get("tokenizer_actors_max", 0)}))
 """
 
 
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cuda: both sides on the GPU (fp16); the Ray stage then runs one actor per GPU")
     ap.add_argument("--model", default="all-MiniLM-L6-v2", help="packaged encoder name or local directory")
     ap.add_argument("--rows-per-batch", type=int, default=4096, help="embed.rows_per_batch of the Ray stage")
+    ap.add_argument("--tokenize-stage", choices=["auto", "on", "off"], default="auto",
+                    help="embed.tokenize_stage of the Ray stage: CPU tokenizer actors ahead of the encoder "
+                    "(auto = on with GPUs)")
     ap.add_argument("--skip-direct", action="store_true", help="only the Ray stage (memory runs)")
     ap.add_argument("--actor-niceness", type=int, default=None,
                     help="override embed.actor_niceness (e.g. 10 for a memory run beside other work)")
@@ -161,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         r, rpeak = _run_sampled([sys.executable, "-c", RAY, titles, str(Path(tmp) / "emb.parquet"), str(args.threads),
                                  str(args.batch_size), str(os.cpu_count() or 1), str(Path(tmp) / "ray"),
                                  "default" if args.actor_niceness is None else str(args.actor_niceness),
-                                 args.device, args.model, str(args.rows_per_batch)], env, trace)
+                                 args.device, args.model, str(args.rows_per_batch), args.tokenize_stage], env, trace)
         if args.memory_trace:
             args.memory_trace.write_text("".join(json.dumps(row) + "\n" for row in trace))
         result["ray_titles_per_s"] = round(r["rows"] / r["seconds"], 1)
         result["ray_seconds"] = round(r["seconds"], 2)
         result["ray_stage_seconds"] = round(r["stage_seconds"], 2)
+        result["tokenizer_actors_max"] = r["tokenizer_actors_max"]
         if not args.skip_direct:
             # direct again after Ray: the machine is shared and its speed drifts; average both runs
             d, _ = _run_sampled(direct_cmd, env)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks on a bare device machine (docs/gpu.md "Running the GPU checks"): install the payload carried to
 # /tmp/payload, then run each check under its own time limit, logs and JSON results to $OUT.
-#   bash benchmarks/device/gpu_checks.sh [checks...]     checks: enc embed vllm_test llm_tput (default: all)
+#   bash benchmarks/device/gpu_checks.sh [checks...]     checks: enc embed embed_intactor vllm_test llm_tput
+#   (default: all but embed_intactor, the Ray stage tokenizing inside the GPU actor, for comparison)
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 P=/tmp/payload
@@ -32,6 +33,9 @@ for c in $CHECKS; do case $c in
   enc) step enc 90 python3 -m pytest -x -q -p no:cacheprovider tests/gpu/test_encoder_gpu.py ;;
   embed) step embed 170 python3 benchmarks/embed_throughput.py --device cuda --items 200000 --batch-size 1024 \
            --rows-per-batch 16384 --threads 16 --json --out-json "$OUT/embed.json" ;;
+  embed_intactor) step embed_intactor 120 python3 benchmarks/embed_throughput.py --device cuda --items 200000 \
+           --batch-size 1024 --rows-per-batch 16384 --threads 16 --skip-direct --tokenize-stage off --json \
+           --out-json "$OUT/embed_intactor.json" ;;
   vllm_test) step vllm_test 200 env LANE_TEST_LLM=$P/tiny-llama python3 -m pytest -x -q -p no:cacheprovider \
            -k "constrained or extraction" tests/gpu/test_vllm_backend.py ;;
   llm_tput) step llm_tput 200 python3 benchmarks/llm_throughput.py --dataset $P/mldata --users 943 \

@@ -69,8 +69,28 @@ def make_part_sink(out: Path, metadata: dict[bytes, bytes] | None = None) -> Any
     return AtomicPartSink()
 
 
+class PartWriter:
+    """Writes a table as one atomic part of ``out`` (or of its remote folder, as :func:`make_part_sink`) from
+    inside a ``map_batches`` worker and returns a one-row ``rows`` table: the worker that computed a block writes
+    it, so the block never goes through the object store to a separate write task."""
+
+    def __init__(self, out: Path, metadata: dict[bytes, bytes] | None = None) -> None:
+        from lane_ray.storage import remote_dir
+
+        self.out, self.metadata, self.remote = out, metadata, remote_dir(out)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if table.num_rows:
+            if self.remote is not None:
+                write_part_uri(self.remote, table, self.metadata)
+            else:
+                write_part(self.out, table, self.metadata)
+        return pa.table({"rows": pa.array([table.num_rows], pa.int64())})
+
+
 def finish_parts(out: Path) -> None:
-    """After a dataset was written through :func:`make_part_sink`: bring parts written remotely into ``out``."""
+    """After a dataset was written through :func:`make_part_sink` or :class:`PartWriter`: bring parts written
+    remotely into ``out``."""
     from lane_ray.storage import pull_dir
 
     pull_dir(out)
