@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from lane_ray.config import RayConfig
@@ -53,27 +55,31 @@ def set_niceness(niceness: int | None) -> None:
         pass
 
 
-_MMAP_THRESHOLD_SET = False
+_GLIBC_DYNAMIC_MAX = 32 * 2**20  # the highest mmap threshold glibc's own adjustment reaches (64-bit)
 
 
-def return_freed_memory(threshold: int = 128 * 1024) -> None:
-    """Make glibc hand large freed blocks back to the system at once (this process, from now on).
+@contextlib.contextmanager
+def freed_memory_returned(threshold: int = 128 * 1024) -> Iterator[None]:
+    """While inside, glibc hands large freed blocks back to the system at once (this process).
 
-    glibc serves blocks above ``M_MMAP_THRESHOLD`` with their own mapping, returned on free, but it raises that
+    glibc serves blocks above ``M_MMAP_THRESHOLD`` with their own mapping, returned on free, but raises that
     threshold (up to 32 MB) each time such a block is freed; after that, Arrow batches and numpy temporaries
-    come from the heap and stay there once freed, so a process streaming N rows grew with N (measured on the
-    embedding planner: +29 MB from 100k to 1M rows, flat with the threshold fixed). Setting the threshold
-    explicitly turns the adjustment off. A no-op elsewhere than glibc."""
-    global _MMAP_THRESHOLD_SET
-    if _MMAP_THRESHOLD_SET:
-        return
+    come from the heap and stay there once freed, so a driver streaming N rows grew with N (measured on the
+    embedding planner: +29 MB from 100k to 1M rows, flat with the threshold fixed). Not for compute: there
+    every large temporary becomes a fresh, zero-filled mapping (an encoder actor ran at less than half its
+    speed), so on leaving, the threshold is set to the 32 MB glibc's adjustment would have reached anyway.
+    A no-op elsewhere than glibc."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
+        yield
         return
-    mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    _MMAP_THRESHOLD_SET = True
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, threshold)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, _GLIBC_DYNAMIC_MAX)

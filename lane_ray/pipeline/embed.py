@@ -380,11 +380,10 @@ class TokenizeBatch:
     """Callable class for ``map_batches`` on CPU actors: texts -> token arrays (``tok:*`` list columns)."""
 
     def __init__(self, model: str, niceness: int | None = None) -> None:
-        from lane_ray.pipeline.cluster import return_freed_memory, set_niceness
+        from lane_ray.pipeline.cluster import set_niceness
         from lane_ray.text import TextEncoder
 
         set_niceness(niceness)
-        return_freed_memory()
         # the model is loaded on CPU for its preprocessing (tokenizer and truncation settings) only
         self.encoder = TextEncoder(model, device="cpu", num_threads=1)
 
@@ -403,12 +402,10 @@ class EncodeBatch:
 
     def __init__(self, model: str, device: str, batch_size: int, fp16: bool | None, num_threads: int | None,
                  key_columns: tuple[str, ...], niceness: int | None = None, writer: PartWriter | None = None) -> None:
-        from lane_ray.pipeline.cluster import return_freed_memory, set_niceness
+        from lane_ray.pipeline.cluster import set_niceness
         from lane_ray.text import TextEncoder
 
         set_niceness(niceness)
-        return_freed_memory()
-
         self.encoder = TextEncoder(model, device=device, batch_size=batch_size, fp16=fp16, num_threads=num_threads)
         self.key_columns = key_columns
         self.writer = writer
@@ -543,11 +540,16 @@ def compact(out: Path, spec: TextTable, p: Plan) -> dict[str, int]:
 def embed_texts(input_path: str | Path, out_path: str | Path, cfg: EmbedConfig, ray_cfg: RayConfig,
                 spec: TextTable = CATALOG_TEXTS) -> dict[str, Any]:
     """Embed the texts of ``input_path`` into ``out_path`` (see the module docstring); returns the manifest."""
-    from lane_ray.pipeline.cluster import return_freed_memory
+    from lane_ray.pipeline.cluster import freed_memory_returned
+
+    with freed_memory_returned():  # the driver streams the whole input: keep its memory flat
+        return _embed_texts(Path(input_path), Path(out_path), cfg, ray_cfg, spec)
+
+
+def _embed_texts(input_path: Path, out: Path, cfg: EmbedConfig, ray_cfg: RayConfig,
+                 spec: TextTable) -> dict[str, Any]:
     from lane_ray.text import encoder_id
 
-    return_freed_memory()  # the driver streams the whole input: keep its memory flat
-    input_path, out = Path(input_path), Path(out_path)
     if out.exists() and not out.is_dir():
         raise DataError("output exists and is a file; give a directory name such as item_embeddings.parquet",
                         file=out)
