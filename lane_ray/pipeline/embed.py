@@ -132,6 +132,9 @@ class KeyFilter:
         return valid & (hit if self.mode == "keep" else ~hit)
 
 
+FILTER_LIST = {"keep": "todo", "skip": "skip"}  # KeyFilter mode -> the plan's key list it ships
+
+
 @dataclass
 class Plan:
     rows: int
@@ -149,7 +152,7 @@ class Plan:
 
     def key_filter(self) -> KeyFilter:
         """The filter for Ray tasks; its key array is memory-mapped, so ray.put copies it from the page cache."""
-        keys = np.load(self.folder / f"{'todo' if self.filter_mode == 'keep' else 'skip'}.npy", mmap_mode="r")
+        keys = np.load(self.folder / f"{FILTER_LIST[self.filter_mode]}.npy", mmap_mode="r")
         return KeyFilter(self.filter_mode, keys, np.load(self.folder / "offsets.npy"), self.bits)
 
 
@@ -316,8 +319,7 @@ def plan(input_path: Path, out: Path, spec: TextTable, enc_id: str, max_chars: i
         del rec, order, first, dup, current, have, todo, skip
     n_todo = sum(sizes["todo"])
     mode = "keep" if n_todo <= sum(sizes["skip"]) else "skip"
-    name = "todo" if mode == "keep" else "skip"
-    _join_segments(folder, name, sizes[name])
+    _join_segments(folder, FILTER_LIST[mode], sizes[FILTER_LIST[mode]])
     dpos = np.concatenate(dup_pos)
     counts["duplicate_key"] = int(dpos.size)
     if dpos.size:
@@ -521,9 +523,12 @@ def compact(out: Path, spec: TextTable, p: Plan) -> dict[str, int]:
         drop = rec[~(live & first)]
         drops.append(np.stack([drop["part"].astype(np.int64), drop["row"].astype(np.int64)], axis=1))
     drop_all = np.concatenate(drops)
-    for i in np.unique(drop_all[:, 0]):
+    if not drop_all.size:
+        return stats
+    drop_all = drop_all[np.argsort(drop_all[:, 0], kind="stable")]
+    touched, starts = np.unique(drop_all[:, 0], return_index=True)
+    for i, rows in zip(touched, np.split(drop_all[:, 1], starts[1:]), strict=True):
         part = parts[i]
-        rows = drop_all[drop_all[:, 0] == i, 1]
         n = pq.read_metadata(part).num_rows
         if rows.size >= n:
             part.unlink()
@@ -568,7 +573,8 @@ def _embed_texts(input_path: Path, out: Path, cfg: EmbedConfig, ray_cfg: RayConf
             run = _run_ray(input_path, out, spec, p, cfg, ray_cfg, enc_id, dim)
         comp = compact(out, spec, p)
     rows_out = sum(pq.read_metadata(f).num_rows for f in out.glob(f"{PART_PREFIX}*.parquet"))
-    if rows_out != p.n_current or comp.pop("rows", rows_out) != rows_out:
+    compacted_rows = comp.pop("rows")
+    if rows_out != p.n_current or compacted_rows != rows_out:
         raise DataError(f"expected {p.n_current} embeddings after the run, found {rows_out}; re-run to "
                         "complete", file=out)
     rejects_path = out / "_rejects.parquet"

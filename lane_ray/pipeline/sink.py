@@ -49,22 +49,11 @@ def make_part_sink(out: Path, metadata: dict[bytes, bytes] | None = None) -> Any
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
-    from lane_ray.storage import remote_dir
-
-    remote = remote_dir(out)
+    writer = PartWriter(out, metadata)
 
     class AtomicPartSink(Datasink):
         def write(self, blocks: Iterable[Any], ctx: Any) -> int:
-            rows = 0
-            for block in blocks:
-                table = BlockAccessor.for_block(block).to_arrow()
-                if table.num_rows:
-                    if remote is not None:
-                        write_part_uri(remote, table, metadata)
-                    else:
-                        write_part(out, table, metadata)
-                    rows += table.num_rows
-            return rows
+            return sum(writer.write(BlockAccessor.for_block(block).to_arrow()) for block in blocks)
 
     return AtomicPartSink()
 
@@ -79,13 +68,17 @@ class PartWriter:
 
         self.out, self.metadata, self.remote = out, metadata, remote_dir(out)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def write(self, table: pa.Table) -> int:
+        """Write ``table`` (nothing when empty); return its rows."""
         if table.num_rows:
             if self.remote is not None:
                 write_part_uri(self.remote, table, self.metadata)
             else:
                 write_part(self.out, table, self.metadata)
-        return pa.table({"rows": pa.array([table.num_rows], pa.int64())})
+        return table.num_rows
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return pa.table({"rows": pa.array([self.write(table)], pa.int64())})
 
 
 def finish_parts(out: Path) -> None:

@@ -174,14 +174,12 @@ class TextEncoder:
             rows = order[start : start + bs]
             width = int(lengths[rows].max())
             batch: dict[str, Any] = dict(self._constants)
+            cols = np.arange(width)
+            # the token positions of each row, in row-major order: the order of the rows' arrays concatenated
+            filled = cols >= width - lengths[rows, None] if left else cols < lengths[rows, None]
             for name, arrays in features.items():
                 m = np.full((rows.size, width), pad.get(name, 0), dtype=np.int64)
-                for j, r in enumerate(rows):
-                    a = arrays[r]
-                    if left:
-                        m[j, width - a.size :] = a
-                    else:
-                        m[j, : a.size] = a
+                m[filled] = np.concatenate([arrays[r] for r in rows])
                 batch[name] = torch.from_numpy(m).to(self.device)
             with torch.inference_mode():
                 emb = self._model(batch)["sentence_embedding"].float()
