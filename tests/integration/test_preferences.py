@@ -354,7 +354,7 @@ def grounded_ml100k_dir(tmp_path: Path) -> Path:
     return d
 
 
-def test_grounding_change_invalidates_the_cache(ray_cluster, capsys, grounded_ml100k_dir, tmp_path):
+def test_grounding_or_m_change_invalidates_the_cache(ray_cluster, capsys, grounded_ml100k_dir, tmp_path):
     run = tmp_path / "run"
     off = ["--set", "preferences.embed=false"]
     grounded = lane_preferences(capsys, grounded_ml100k_dir, run, *off)
@@ -373,13 +373,8 @@ def test_grounding_change_invalidates_the_cache(ray_cluster, capsys, grounded_ml
     assert free["prompt_version"].startswith(PREFERENCE_PROMPT_VERSION + "+free-")
     for row in table.to_pylist():  # free decoding: lower-case words (the fallback's phrases aside)
         assert row["status"] == "fallback" or all(set(x) <= set(SLOT_CHARS) for x in row["preferences"]), row
-
-
-def test_changing_m_invalidates_the_cache(ray_cluster, capsys, ml100k_dir, tmp_path):
-    run = tmp_path / "run"
-    off = ["--set", "preferences.embed=false", "--max-users", "1"]
-    assert lane_preferences(capsys, ml100k_dir, run, *off)["extracted_now"] == 1
-    more = lane_preferences(capsys, ml100k_dir, run, *off, "--set", f"preferences.m={M + 1}")
-    rows = read_parquet(run / "preferences.parquet").to_pylist()
-    assert [len(r["preferences"]) for r in rows] == [M + 1]
-    assert more["extracted_now"] == 1
+    # a different m is a different recipe too: every user is extracted again with m + 1 slots
+    more = lane_preferences(capsys, grounded_ml100k_dir, run, *off, "--set", "preferences.grounding=free",
+                            "--set", f"preferences.m={M + 1}")
+    assert (more["extracted_now"], more["cached"], more["m"]) == (2, 0, M + 1)
+    assert [len(r["preferences"]) for r in read_parquet(run / "preferences.parquet").to_pylist()] == [M + 1] * 2
