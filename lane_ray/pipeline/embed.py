@@ -386,8 +386,8 @@ class TokenizeBatch:
         from lane_ray.text import TextEncoder
 
         set_niceness(niceness)
-        # the model is loaded on CPU for its preprocessing (tokenizer and truncation settings) only
-        self.encoder = TextEncoder(model, device="cpu", num_threads=1)
+        # the model's preprocessing (tokenizer and truncation settings) only: its weights are never read
+        self.encoder = TextEncoder(model, device="cpu", num_threads=1, weights=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         feats = self.encoder.tokenize(batch.column("text").to_pylist())

@@ -79,7 +79,9 @@ class TextEncoder:
 
     ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:k]"``; on CUDA the model runs in
     fp16 unless ``fp16=False``. ``num_threads`` sets torch's intra-op threads (CPU). ``max_seq_length``
-    caps tokens per text (longer texts are truncated by the tokenizer).
+    caps tokens per text (longer texts are truncated by the tokenizer). ``weights=False`` builds the model without
+    reading its weights (on PyTorch's ``meta`` device): :meth:`tokenize` works, encoding raises. Tokenizer
+    actors use it, so their memory does not grow with the encoder's size.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class TextEncoder:
         fp16: bool | None = None,
         num_threads: int | None = None,
         max_seq_length: int | None = None,
+        weights: bool = True,
     ) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,10 +107,15 @@ class TextEncoder:
         self.device = device
         self.batch_size = batch_size
         self.model_name = model
-        self._model = SentenceTransformer(str(folder), device=device, local_files_only=True)
+        self.weights = weights
+        if weights:
+            self._model = SentenceTransformer(str(folder), device=device, local_files_only=True)
+        else:  # the modules and their preprocessing, parameters without storage: nothing is read or allocated
+            self.device = "meta"
+            self._model = SentenceTransformer(str(folder), local_files_only=True, model_kwargs={"device_map": "meta"})
         if max_seq_length is not None:
             self._model.max_seq_length = max_seq_length
-        self.fp16 = device.startswith("cuda") if fp16 is None else fp16
+        self.fp16 = weights and (device.startswith("cuda") if fp16 is None else fp16)
         if self.fp16:
             self._model.half()
         self._model.eval()
@@ -124,6 +132,7 @@ class TextEncoder:
 
     def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """[N, dim] float32, unit L2 norm. ``encode`` sorts texts by length internally to limit padding."""
+        self._need_weights()
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = self._model.encode(
@@ -131,6 +140,11 @@ class TextEncoder:
             convert_to_numpy=True, show_progress_bar=False,
         )
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _need_weights(self) -> None:
+        if not self.weights:
+            raise RuntimeError(f"{self.model_name}: loaded without weights (weights=False), for tokenization only; "
+                               "load it with weights=True to encode")
 
     # Tokenization apart from the forward pass: a Ray Data stage can tokenize on CPU workers and send token ids
     # to GPU actors, which then only run the model (on a GPU, ``encode`` spends most of its time tokenizing).
@@ -158,6 +172,7 @@ class TextEncoder:
         like ``encode``, so the vectors match it."""
         import torch
 
+        self._need_weights()
         ids = features["input_ids"]
         n, bs = len(ids), batch_size or self.batch_size
         out = np.zeros((n, self.dim), dtype=np.float32)

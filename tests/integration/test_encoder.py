@@ -61,3 +61,18 @@ def test_tokenize_then_encode_tokens_matches_encode(encoder):
     assert max(lengths) == encoder.max_seq_length and min(lengths) == 2  # truncated like encode; [CLS] [SEP]
     assert np.allclose(encoder.encode_tokens(feats, batch_size=8), encoder.encode(titles), atol=1e-5)
     assert encoder.encode_tokens({"input_ids": [], "attention_mask": []}).shape == (0, encoder.dim)
+
+
+def test_tokenizer_only_load_tokenizes_the_same_and_refuses_to_encode(encoder):
+    """Tokenizer actors load the model without its weights: the same token arrays, no parameter storage."""
+    light = TextEncoder(device="cpu", weights=False)
+    assert all(p.device.type == "meta" for p in light._model.parameters())
+    assert (light.dim, light.max_seq_length) == (encoder.dim, encoder.max_seq_length)
+    titles = ["Toy Story (1995)", "", "word " * 600, "Ünïcödé — title"]
+    mine, ref = light.tokenize(titles), encoder.tokenize(titles)
+    assert set(mine) == set(ref)
+    for name in ref:
+        assert all(np.array_equal(a, b) for a, b in zip(mine[name], ref[name], strict=True)), name
+    for call in (lambda: light.encode(titles), lambda: light.encode_tokens(mine)):
+        with pytest.raises(RuntimeError, match="without weights"):
+            call()
