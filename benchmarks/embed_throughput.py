@@ -8,7 +8,8 @@ the same number of torch threads (``--threads``, default: all cores), each in a 
 - direct: one process, model loaded first (not timed), then one ``encode`` call over all titles; run
   before and after the Ray side (the shared machine's speed drifts) and averaged;
 - ray: a local Ray cluster (``ray.init`` not timed), then ``embed_texts`` from the dataset's creation to
-  the last row written (``embed_seconds``: actor start and model load included).
+  the last row written (``embed_seconds``: actor start and model load included). On CPU its ``--threads`` are
+  split into actors of ``--threads-per-actor`` threads (default 1, the stage's own default layout).
 
 RSS is sampled every 250 ms for the direct process, the Ray driver and each Ray worker process (actors).
 Prints one JSON line: ``items, direct_titles_per_s, ray_titles_per_s, ratio, peak_rss_mb`` (the largest
@@ -58,15 +59,19 @@ threads, batch, cpus = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 nice = None if sys.argv[7] == "default" else int(sys.argv[7])
 device, model, rows_per_batch = sys.argv[8], sys.argv[9], int(sys.argv[10])
 tokenize = {"auto": None, "on": True, "off": False}[sys.argv[11]]
+per_actor = int(sys.argv[12])
 from lane_ray.pipeline.cluster import init_ray
 init_ray(RayConfig(num_cpus=cpus, object_store_memory_mb=512, temp_dir=tmp))  # not timed
 cfg = EmbedConfig(model=model, batch_size=batch, rows_per_batch=rows_per_batch, device=device,
-                  threads_per_actor=threads if device == "cpu" else None, tokenize_stage=tokenize)
+                  tokenize_stage=tokenize)
+if device == "cpu":  # the same torch threads as direct, split into actors of per_actor threads
+    cfg = cfg.model_copy(update={"threads_per_actor": per_actor, "max_actors": max(1, threads // per_actor)})
 if nice is not None:
     cfg = cfg.model_copy(update={"actor_niceness": nice})
 m = embed_texts(path, out, cfg, RayConfig())
 print(json.dumps({"seconds": m["embed_seconds"], "stage_seconds": m["seconds"], "rows": m["rows"],
-                  "tokenizer_actors_max": m["ray"].get("tokenizer_actors_max", 0)}))
+                  "tokenizer_actors_max": m["ray"].get("tokenizer_actors_max", 0),
+                  "actors_max": m["ray"].get("actors_max"), "cpus_per_actor": m["ray"].get("cpus_per_actor")}))
 """
 
 
@@ -126,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=200_000)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads: direct runs one process with all of them; the Ray stage splits them into "
+                    "threads / --threads-per-actor encoder actors")
+    ap.add_argument("--threads-per-actor", type=int, default=1,
+                    help="torch threads per Ray encoder actor (embed.threads_per_actor; default 1, as the stage)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: both sides on the GPU (fp16); the Ray stage then runs one actor per GPU")
     ap.add_argument("--model", default="all-MiniLM-L6-v2", help="packaged encoder name or local directory")
@@ -166,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         r, rpeak = _run_sampled([sys.executable, "-c", RAY, titles, str(Path(tmp) / "emb.parquet"), str(args.threads),
                                  str(args.batch_size), str(os.cpu_count() or 1), str(Path(tmp) / "ray"),
                                  "default" if args.actor_niceness is None else str(args.actor_niceness),
-                                 args.device, args.model, str(args.rows_per_batch), args.tokenize_stage], env, trace)
+                                 args.device, args.model, str(args.rows_per_batch), args.tokenize_stage,
+                                 str(args.threads_per_actor)], env, trace)
         if args.memory_trace:
             args.memory_trace.write_text("".join(json.dumps(row) + "\n" for row in trace))
         result["ray_titles_per_s"] = round(r["rows"] / r["seconds"], 1)
         result["ray_seconds"] = round(r["seconds"], 2)
         result["ray_stage_seconds"] = round(r["stage_seconds"], 2)
         result["tokenizer_actors_max"] = r["tokenizer_actors_max"]
+        result["ray_actors"], result["ray_threads_per_actor"] = r["actors_max"], args.threads_per_actor
+        result["ray_cpus_per_actor"] = r["cpus_per_actor"]
         if not args.skip_direct:
             # direct again after Ray: the machine is shared and its speed drifts; average both runs
             d, _ = _run_sampled(direct_cmd, env)

@@ -385,9 +385,9 @@ class TokenizeBatch:
         from lane_ray.pipeline.cluster import set_niceness
         from lane_ray.text import TextEncoder
 
-        set_niceness(niceness)
         # the model's preprocessing (tokenizer and truncation settings) only: its weights are never read
         self.encoder = TextEncoder(model, device="cpu", num_threads=1, weights=False)
+        set_niceness(niceness)  # once loaded, as the encoder actors do
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         feats = self.encoder.tokenize(batch.column("text").to_pylist())
@@ -407,10 +407,13 @@ class EncodeBatch:
         from lane_ray.pipeline.cluster import set_niceness
         from lane_ray.text import TextEncoder
 
-        set_niceness(niceness)
         self.encoder = TextEncoder(model, device=device, batch_size=batch_size, fp16=fp16, num_threads=num_threads)
         self.key_columns = key_columns
         self.writer = writer
+        # Raised priority only once loaded: while the actors import torch and sentence-transformers (~5 s of CPU
+        # each), the read/select tasks (at Ray's nice 15) would otherwise get no CPU, and the first batches
+        # arrived 1-2 s after the actors were ready (measured on 2 cores).
+        set_niceness(niceness)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if "text" in batch.column_names:
@@ -423,35 +426,85 @@ class EncodeBatch:
         return self.writer(table) if self.writer is not None else table
 
 
-def _pool(cfg: EmbedConfig, resources: dict[str, float]) -> dict[str, Any]:
+def _pool(cfg: EmbedConfig, resources: dict[str, float], node_cpus: list[float] | None = None,
+          todo: int | None = None) -> dict[str, Any]:
+    """The encoder (and tokenizer) actor layout for a cluster with ``resources`` (totals) whose nodes have
+    ``node_cpus`` CPUs each (unset = one node holding them all), for ``todo`` texts (unset = unbounded): never
+    more encoder actors than blocks of ``rows_per_batch`` texts, and the whole pool started at once unless
+    ``min_actors`` says otherwise (an actor added later by Ray Data's autoscaler started ~6 s after the first on
+    2 cores, importing sentence-transformers while the first one already worked).
+
+    CPU default: one single-threaded encoder actor per core. Measured on 2 cores (ml-100k-sized titles): two
+    1-thread actors embedded 6-10 % more titles per second than one 2-thread actor, which burnt ~10 % more CPU per
+    title: Ray's own processes wake ~1,700 times a second, and every time one preempts a torch thread its peer
+    waits for it at the next parallel op. A 1-thread actor only loses the slice it was preempted for. The
+    actors' logical CPUs are set so that one CPU per node stays free for the read/select tasks (Ray Data gives
+    each task one CPU): 0.5 per actor on 2 cores, 0.9375 on 16."""
     gpus = resources.get("GPU", 0)
     use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus >= cfg.gpus_per_actor)
     cpus = resources.get("CPU", 1)
     tokenize = use_gpu if cfg.tokenize_stage is None else cfg.tokenize_stage
+    tok_cpus = 0.0
     if use_gpu:
         max_actors = cfg.max_actors or max(1, int(gpus // cfg.gpus_per_actor))
-        pool = {"use_gpu": True, "max": max_actors, "min": min(cfg.min_actors, max_actors), "threads": None,
-                "num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor, "device": "cuda"}
+        per = cfg.cpus_per_actor or 1.0
+        pool = {"use_gpu": True, "max": max_actors, "threads": None,
+                "num_gpus": cfg.gpus_per_actor, "num_cpus": per, "device": "cuda"}
     else:
-        # Keep one CPU for the read/filter/write tasks, which must be able to run beside the actors (and one
-        # tokenizer actor's share when tokenizing apart).
-        spare = cpus - 1 - (cfg.tokenizer_cpus_per_actor if tokenize else 0)
-        max_actors = cfg.max_actors or max(1, int(spare // cfg.cpus_per_actor))
-        threads = cfg.threads_per_actor or max(1, int(cpus // max_actors))
-        pool = {"use_gpu": False, "max": max_actors, "min": min(cfg.min_actors, max_actors), "threads": threads,
-                "num_gpus": 0, "num_cpus": cfg.cpus_per_actor, "device": "cpu"}
+        threads = cfg.threads_per_actor or 1
+        # tokenizer actors (only when asked for on CPU) take whole CPUs of their own, by default one
+        tok_cpus = (cfg.tokenizer_actors or 1) * cfg.tokenizer_cpus_per_actor if tokenize else 0.0
+        max_actors = cfg.max_actors or max(1, int((cpus - tok_cpus) // threads))
+        per = cfg.cpus_per_actor
+        if per is None:
+            node = min(node_cpus) if node_cpus else cpus  # the smallest node decides, so every node keeps one
+            on_node = max(1, min(max_actors, int((node - tok_cpus) // threads)))
+            free = node - 1 - tok_cpus
+            per = min(float(threads), free / on_node) if free > 0 else 1.0
+        pool = {"use_gpu": False, "max": max_actors, "threads": threads,
+                "num_gpus": 0, "num_cpus": math.floor(per * 1e4) / 1e4, "device": "cpu"}  # never above the free share
+    if todo is not None and math.ceil(todo / cfg.rows_per_batch) < pool["max"]:
+        pool["max"] = max(1, math.ceil(todo / cfg.rows_per_batch))
+        if not use_gpu and cfg.threads_per_actor is None:  # fewer actors than cores: give them the cores
+            node = min(node_cpus) if node_cpus else cpus
+            pool["threads"] = max(1, int((node - tok_cpus) // pool["max"]))
+    pool["min"] = min(cfg.min_actors or pool["max"], pool["max"])
     pool["tokenizers"] = 0
     if tokenize:
-        free = cpus - 1 - pool["max"] * cfg.cpus_per_actor
+        free = cpus - 1 - pool["max"] * pool["num_cpus"]
         pool["tokenizers"] = cfg.tokenizer_actors or max(1, int(free // cfg.tokenizer_cpus_per_actor))
-    held = pool["max"] * cfg.cpus_per_actor + pool["tokenizers"] * cfg.tokenizer_cpus_per_actor
-    if tokenize and held > cpus - 1:
+    held = pool["max"] * pool["num_cpus"] + pool["tokenizers"] * cfg.tokenizer_cpus_per_actor
+    if tokenize and held > cpus - 1 + 1e-9:
         raise ConfigError(
-            f"embed: {pool['max']} encoder actor(s) x {cfg.cpus_per_actor:g} CPU + {pool['tokenizers']} tokenizer "
+            f"embed: {pool['max']} encoder actor(s) x {pool['num_cpus']:g} CPU + {pool['tokenizers']} tokenizer "
             f"actor(s) x {cfg.tokenizer_cpus_per_actor:g} CPU leave less than one of the cluster's {cpus:g} CPUs for "
             "reading and writing; lower embed.max_actors, embed.cpus_per_actor or embed.tokenizer_cpus_per_actor, "
             "or set embed.tokenize_stage=false")
     return pool
+
+
+def _blocks(rows: int, todo: int, actors: int, cfg: EmbedConfig) -> tuple[int, int]:
+    """(texts per encoder batch, input blocks to read) for ``todo`` texts out of ``rows`` input rows.
+
+    Balanced: the batch count is a multiple of the actor count and batches are equal (at most
+    ``rows_per_batch``), so the actors finish together instead of one embedding a last full batch while the
+    others idle (with 4,096-row batches a 1-thread actor spends ~9 s on one). Each read block holds a whole
+    number of batches (~``rows_per_block`` input rows), so repartitioning leaves no fragments."""
+    actors = max(1, actors)
+    batches = actors * max(1, math.ceil(todo / (cfg.rows_per_batch * actors)))
+    batch_rows = max(1, math.ceil(todo / batches))
+    todo_per_read = cfg.rows_per_block * todo / max(rows, 1)  # texts to embed in a block of rows_per_block rows
+    per_read = max(1, int(todo_per_read // batch_rows))
+    blocks = max(min(batches, 2 * actors), math.ceil(batches / per_read))
+    while batches % blocks:  # a divisor of the batch count: every read block splits into whole batches
+        blocks += 1
+    return batch_rows, blocks
+
+
+def _node_cpus() -> list[float]:
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
 
 
 def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedConfig, ray_cfg: RayConfig,
@@ -461,12 +514,13 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
     from lane_ray.pipeline.cluster import init_ray
 
     resources = init_ray(ray_cfg)
-    pool = _pool(cfg, resources)
-    n_blocks = max(2 * pool["max"], math.ceil(p.rows / cfg.rows_per_block))
+    pool = _pool(cfg, resources, _node_cpus(), p.n_todo)
+    batch_rows, n_blocks = _blocks(p.rows, p.n_todo, pool["max"], cfg)
     log(f"embed: {p.n_todo:,} texts on {pool['min']}..{pool['max']} {'GPU' if pool['use_gpu'] else 'CPU'} "
         f"actor(s)" + (f" x {pool['threads']} threads" if pool["threads"] else "")
+        + f" ({pool['num_cpus']:g} CPU each)"
         + (f" fed by 1..{pool['tokenizers']} tokenizer actor(s)" if pool["tokenizers"] else "")
-        + f", {n_blocks} blocks")
+        + f", {n_blocks} read blocks, batches of {batch_rows:,} texts")
     t0 = time.perf_counter()
     ds = ray.data.read_parquet([str(p) for p in parquet_files(input_path)], override_num_blocks=n_blocks)
     ds = ds.select_columns([*spec.key_columns, spec.text_column])  # pushed down into the Parquet read
@@ -475,15 +529,15 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
                                    "text_column": spec.text_column, "max_chars": cfg.max_chars})
     # Blocks of one encoder batch each, so every actor of the pool gets work (a Parquet file often reads as
     # one block); this repartition streams, it does not materialise the dataset.
-    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_batch)
+    ds = ds.repartition(target_num_rows_per_block=batch_rows)
     if pool["tokenizers"]:
         ds = ds.map_batches(
-            TokenizeBatch, batch_format="pyarrow", batch_size=cfg.rows_per_batch, concurrency=(1, pool["tokenizers"]),
+            TokenizeBatch, batch_format="pyarrow", batch_size=batch_rows, concurrency=(1, pool["tokenizers"]),
             num_cpus=cfg.tokenizer_cpus_per_actor,
             fn_constructor_kwargs={"model": cfg.model, "niceness": cfg.actor_niceness},
         )
     ds = ds.map_batches(
-        EncodeBatch, batch_format="pyarrow", batch_size=cfg.rows_per_batch, concurrency=(pool["min"], pool["max"]),
+        EncodeBatch, batch_format="pyarrow", batch_size=batch_rows, concurrency=(pool["min"], pool["max"]),
         num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"],
         fn_constructor_kwargs={"model": cfg.model, "device": pool["device"], "batch_size": cfg.batch_size,
                                "fp16": cfg.fp16, "num_threads": pool["threads"], "key_columns": spec.key_columns,
@@ -495,7 +549,9 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
     written = sum(int(pc.sum(b["rows"]).as_py() or 0) for b in counts)
     finish_parts(out)
     return {"seconds": round(time.perf_counter() - t0, 3), "actors_max": pool["max"], "threads": pool["threads"],
-            "use_gpu": pool["use_gpu"], "blocks": n_blocks, "tokenizer_actors_max": pool["tokenizers"],
+            "cpus_per_actor": pool["num_cpus"],
+            "use_gpu": pool["use_gpu"], "blocks": n_blocks, "batch_rows": batch_rows,
+            "tokenizer_actors_max": pool["tokenizers"],
             "rows_written": written}
 
 
