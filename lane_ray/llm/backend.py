@@ -10,6 +10,7 @@ and OpenAI-compatible servers get the equivalent regular expression (:meth:`Temp
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -163,12 +164,30 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+Constraint = Template | Sequence[Template | None] | None
+
+
+def per_row(constraint: Constraint, n: int) -> list[Template | None]:
+    """``constraint`` as one template (or None) per conversation: a single :class:`Template` applies to all
+    ``n``; a sequence must have exactly ``n`` entries (e.g. a template naming each row's own target)."""
+    if constraint is None or isinstance(constraint, Template):
+        return [constraint] * n
+    rows = list(constraint)
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} constraints for {n} conversations: give one per conversation")
+    for i, c in enumerate(rows):
+        if c is not None and not isinstance(c, Template):
+            raise TypeError(f"constraint {i}: expected a Template or None, got {type(c).__name__}")
+    return rows
+
+
 @runtime_checkable
 class LLMBackend(Protocol):
     """Batched chat generation. ``prefill`` (optional) is the beginning of the assistant's reply; the
-    returned text continues it. With ``constraint``, the text matches it (see :class:`Template`)."""
+    returned text continues it. With ``constraint``, the text matches it (see :class:`Template`): one
+    template for every conversation, or a sequence with one template (or None) per conversation."""
 
     model_id: str
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
-                 constraint: Template | None = None) -> list[Generation]: ...
+                 constraint: Constraint = None) -> list[Generation]: ...

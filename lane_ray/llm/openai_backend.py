@@ -60,7 +60,17 @@ from http.client import HTTPException, RemoteDisconnected
 from typing import Any
 
 from lane_ray.errors import ConfigError, LaneError
-from lane_ray.llm.backend import Choice, FreeText, Generation, GenerationParams, Messages, Template, Text
+from lane_ray.llm.backend import (
+    Choice,
+    Constraint,
+    FreeText,
+    Generation,
+    GenerationParams,
+    Messages,
+    Template,
+    Text,
+    per_row,
+)
 
 CONSTRAINT_MODES = ("both", "structured_outputs", "guided_regex", "lane_template", "none")
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -255,11 +265,11 @@ class OpenAIBackend:
         self._opener = urllib.request.build_opener(*handlers)
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
-                 constraint: Template | None = None) -> list[Generation]:
+                 constraint: Constraint = None) -> list[Generation]:
         if not conversations:
             return []
-        bodies = [chat_request_body(self.model, c, params, prefill, constraint, self.constraint_mode)
-                  for c in conversations]
+        bodies = [chat_request_body(self.model, c, params, prefill, t, self.constraint_mode)
+                  for c, t in zip(conversations, per_row(constraint, len(conversations)), strict=True)]
         if len(bodies) == 1:
             return [self._complete(bodies[0])]
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(bodies)),

@@ -14,12 +14,14 @@ from lane_ray.errors import LaneError
 from lane_ray.llm.backend import (
     FORBIDDEN_FREE_CHARS,
     Choice,
+    Constraint,
     FreeText,
     Generation,
     GenerationParams,
     Messages,
     Template,
     Text,
+    per_row,
 )
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -124,7 +126,8 @@ class TokenVocabulary:
 
 
 class TemplateProcessor:
-    """Logits processor enforcing a :class:`Template` on every sequence of a batch.
+    """Logits processor enforcing a :class:`Template` on every sequence of a batch (one template for all rows,
+    or one per row; a row whose template is None is unconstrained).
 
     Per row it tracks the current segment: fixed :class:`Text` is forced token by token; :class:`FreeText`
     allows content tokens, the closing ``"`` once ``min_tokens`` are written, and forces it after
@@ -133,17 +136,19 @@ class TemplateProcessor:
     first tokens are allowed too. After the last segment only EOS is allowed.
     """
 
-    def __init__(self, vocab: TokenVocabulary, template: Template | None, batch_size: int, device: Any,
+    def __init__(self, vocab: TokenVocabulary, template: Constraint, batch_size: int, device: Any,
                  frequency_penalty: float = 0.0) -> None:
         self.v = vocab
         self.penalty = frequency_penalty
         self.counts: list[dict[int, int]] = [{} for _ in range(batch_size)]
-        self.free = template is None  # no constraint: only the frequency penalty applies
-        template = template or Template(())
-        self.segs = template.segments
+        templates = per_row(template, batch_size)
+        # a row without a template is free: only the frequency penalty applies to it
+        self.free_rows = [t is None for t in templates]
+        self.free = all(self.free_rows)
+        self.segs = [(t or Template(())).segments for t in templates]  # per row
         # one content mask per distinct FreeText character set, on the model's device
         self.masks = {seg.chars: vocab.content_mask(seg.chars).to(device)
-                      for seg in self.segs if isinstance(seg, FreeText)}
+                      for segs in self.segs for seg in segs if isinstance(seg, FreeText)}
         self.content = vocab.content.to(device)
         self.device = device
         self.start: int | None = None
@@ -160,8 +165,9 @@ class TemplateProcessor:
     # -- state machine ----------------------------------------------------------------------------------
     def _enter(self, row: int, i: int, after_quote: bool = False) -> None:
         """Move ``row`` to segment ``i`` (skipping segments that need no token)."""
-        while i < len(self.segs):
-            seg = self.segs[i]
+        segs = self.segs[row]
+        while i < len(segs):
+            seg = segs[i]
             if isinstance(seg, Text):
                 toks = self.v.encode(seg.text[1:] if after_quote else seg.text)
                 after_quote = False
@@ -177,7 +183,7 @@ class TemplateProcessor:
             else:
                 self.node[row] = self.v.trie(self._options(row, seg))
             return
-        self.seg[row] = len(self.segs)
+        self.seg[row] = len(segs)
 
     def _options(self, row: int, seg: Choice) -> tuple[str, ...]:
         if not seg.distinct:
@@ -188,9 +194,9 @@ class TemplateProcessor:
 
     def _starts(self, row: int, i: int) -> list[int] | Any:
         """First tokens segment ``i`` accepts for ``row``: token ids, or the content mask of a FreeText."""
-        if i >= len(self.segs):
+        if i >= len(self.segs[row]):
             return [self.v.eos]
-        seg = self.segs[i]
+        seg = self.segs[row][i]
         if isinstance(seg, Text):
             toks = self.v.encode(seg.text)
             return toks[:1] if toks else self._starts(row, i + 1)
@@ -201,9 +207,9 @@ class TemplateProcessor:
 
     def _feed(self, row: int, tok: int) -> None:
         i = self.seg[row]
-        if i >= len(self.segs):
+        if i >= len(self.segs[row]):
             return
-        seg = self.segs[i]
+        seg = self.segs[row][i]
         if isinstance(seg, Text):
             self.queue[row].pop(0)
             if not self.queue[row]:
@@ -238,9 +244,9 @@ class TemplateProcessor:
         import torch
 
         i = self.seg[row]
-        if i >= len(self.segs):
+        if i >= len(self.segs[row]):
             return self.v.eos
-        seg = self.segs[i]
+        seg = self.segs[row][i]
         if isinstance(seg, Text):
             return self.queue[row][0]
         if isinstance(seg, FreeText):
@@ -278,7 +284,7 @@ class TemplateProcessor:
         else:
             for row, tok in enumerate(input_ids[:, -1].tolist()):
                 self.counts[row][tok] = self.counts[row].get(tok, 0) + 1
-                if not self.free:
+                if not self.free_rows[row]:
                     self._feed(row, tok)
         if self.penalty:
             for row, counts in enumerate(self.counts):
@@ -291,6 +297,8 @@ class TemplateProcessor:
         neg = torch.finfo(scores.dtype).min
         width = scores.shape[1]
         for row in range(scores.shape[0]):
+            if self.free_rows[row]:
+                continue
             allowed = self._allowed(row)
             if isinstance(allowed, int):
                 val = scores[row, allowed].clone()
@@ -348,7 +356,7 @@ class TransformersBackend:
         return text + prefill
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
-                 constraint: Template | None = None) -> list[Generation]:
+                 constraint: Constraint = None) -> list[Generation]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -358,10 +366,11 @@ class TransformersBackend:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.max_prompt_tokens, add_special_tokens=False).to(self.device)
         processors = LogitsProcessorList()
-        if constraint is not None or params.frequency_penalty:
+        rows = per_row(constraint, len(texts))
+        if any(t is not None for t in rows) or params.frequency_penalty:
             if self._vocab is None:
                 self._vocab = TokenVocabulary(self.tokenizer)
-            processors.append(TemplateProcessor(self._vocab, constraint, len(texts), self.device,
+            processors.append(TemplateProcessor(self._vocab, rows, len(texts), self.device,
                                                 params.frequency_penalty))
         torch.manual_seed(params.seed)
         sample = params.temperature > 0

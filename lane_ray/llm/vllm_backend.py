@@ -39,10 +39,12 @@ from typing import Any
 
 from lane_ray.errors import LaneError
 from lane_ray.llm.backend import (
+    Constraint,
     Generation,
     GenerationParams,
     Messages,
     Template,
+    per_row,
 )
 
 INSTALL_HINT = "install the gpu extra: pip install 'lane-ray[gpu]'"
@@ -343,9 +345,9 @@ class VLLMBackend:
         return self._processor
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
-                 constraint: Template | None = None) -> list[Generation]:
+                 constraint: Constraint = None) -> list[Generation]:
         n = len(conversations)
-        return self.generate_each(conversations, [params] * n, [prefill] * n, [constraint] * n)
+        return self.generate_each(conversations, [params] * n, [prefill] * n, per_row(constraint, n))
 
     def generate_each(self, conversations: list[Messages], params: Sequence[GenerationParams],
                       prefills: Sequence[str], constraints: Sequence[Template | None]) -> list[Generation]:

@@ -143,6 +143,22 @@ def test_template_processor_enforces_every_segment_kind(llm):
             assert not any(unicodedata.category(ch)[0] == "C" for ch in value["mood"] + value["note"])
 
 
+def test_one_template_per_conversation(llm):
+    # each row gets its own options (e.g. its own target's title); a None row is generated freely
+    rows = [Template((Text('{"pick": "'), Choice(("Alien (1979)", "Heat (1995)")), Text('"}'))),
+            Template((Text('{"pick": "'), Choice(("Toy Story (1995)",)), Text('", "why": "'), FreeText(2, 5),
+                      Text('"}'))),
+            None]
+    conversations = [[{"role": "user", "content": "Pick a movie as JSON."}]] * 3
+    gens = llm.generate(conversations, GenerationParams(max_new_tokens=40, temperature=1.0, seed=3),
+                        constraint=rows)
+    assert rows[0].matches(gens[0].text) and json.loads(gens[0].text)["pick"] in ("Alien (1979)", "Heat (1995)")
+    assert rows[1].matches(gens[1].text) and json.loads(gens[1].text)["pick"] == "Toy Story (1995)"
+    assert not rows[1].matches(gens[2].text) and not rows[0].matches(gens[2].text), gens[2].text
+    with pytest.raises(ValueError, match="2 constraints for 3 conversations"):
+        llm.generate(conversations, GenerationParams(max_new_tokens=4), constraint=rows[:2])
+
+
 @pytest.mark.parametrize(("lo", "hi"), [(4, 4), (0, 3), (3, 6)])
 def test_free_text_token_bounds(llm, lo, hi):
     # the reply is the free text, then the closing quote (EOS is the pad token, so not counted)
