@@ -6,6 +6,9 @@ Contract (all tensors on the model's device; item indices are dense, 1..N, 0 = p
   alignment weights ``[B, L, m]`` (``None`` without alignment);
 * :meth:`loss` on a training batch ``items [B, L + 1]`` (left-padded train prefixes, newest last);
 * :meth:`score` of candidates ``[B, C]`` and :meth:`full_scores` ``[B, N + 1]`` (column 0 = -inf) after a history.
+* scoring in two steps that :mod:`lane_ray.models.attribution` reuses: :meth:`backbone_states` of
+  :meth:`scoring_inputs` (independent of the preferences), then :meth:`user_head` on the last state (alignment +
+  head) -> the user representation ``[B, H]``; :meth:`user_vectors` chains them.
 
 A checkpoint is a directory with ``config.json`` (the :class:`ModelConfig` plus free metadata) and
 ``model.safetensors``; :func:`load_checkpoint` rebuilds the model from it without any training code.
@@ -47,15 +50,23 @@ class SequentialRecommender(nn.Module):
     def encode(self, inputs: torch.Tensor, prefs: torch.Tensor | None = None, pref_mask: torch.Tensor | None = None,
                table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """States ``[B, L, H]`` of a padded index batch, aligned with the preferences when the model has the layer."""
+        return self.aligned(self.backbone_states(inputs, table), prefs, pref_mask)
+
+    def backbone_states(self, inputs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone states ``[B, L, H]`` of a padded index batch (its last ``max_len`` columns), before alignment:
+        they do not depend on the preferences, so an attribution reuses them across preference masks."""
         inputs = inputs[:, -self.cfg.max_len:]
-        pad = inputs == 0
-        states = self.backbone(self.items.lookup(inputs, table), pad)
+        return self.backbone(self.items.lookup(inputs, table), inputs == 0)
+
+    def aligned(self, states: torch.Tensor, prefs: torch.Tensor | None = None,
+                pref_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backbone states ``[B, L, H]`` through the alignment layer (unchanged without one) and its weights
+        ``[B, L, m]`` (``None`` without alignment). Position-wise: each state attends to the preferences only."""
         if self.align is None:
             return states, None
         if prefs is None:
             raise ValueError("this model aligns with preferences: pass prefs [B, m, D]")
-        states, weights = self.align(states, prefs, pref_mask)
-        return states, weights
+        return self.align(states, prefs, pref_mask)
 
     # -- training ------------------------------------------------------------------------------------------
     def forward(self, items: torch.Tensor, prefs: torch.Tensor | None = None, pref_mask: torch.Tensor | None = None,
@@ -132,10 +143,24 @@ class SequentialRecommender(nn.Module):
         """The representation ``[B, H]`` a history ``[B, L]`` scores items with, and the alignment weights of its
         last position ``[B, m]`` (``None`` without alignment)."""
         table = self.items.table() if table is None else table
-        if self.backbone.cloze:  # append the mask token; its state is the prediction
-            mask_col = torch.full_like(history[:, :1], self.mask_index)
-            history = torch.cat([history[:, 1:], mask_col], 1)
-        states, weights = self.encode(history, prefs, pref_mask, table)
+        last = self.backbone_states(self.scoring_inputs(history), table)[:, -1:]  # [B, 1, H]
+        return self.user_head(last, prefs, pref_mask, table)
+
+    def scoring_inputs(self, history: torch.Tensor) -> torch.Tensor:
+        """The index batch ``[B, L]`` a history ``[B, L]`` is scored from: the history itself, or for BERT4Rec the
+        history without its first column and with the mask token appended (its state is the prediction)."""
+        if not self.backbone.cloze:
+            return history
+        mask_col = torch.full_like(history[:, :1], self.mask_index)
+        return torch.cat([history[:, 1:], mask_col], 1)
+
+    def user_head(self, last: torch.Tensor, prefs: torch.Tensor | None = None, pref_mask: torch.Tensor | None = None,
+                  table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The user representation ``[B, H]`` from the last backbone state ``last [B, 1, H]``: alignment (the layer
+        is position-wise, so the last state alone gives the same result as the whole sequence) and the head;
+        plus the alignment weights ``[B, m]`` (``None`` without alignment)."""
+        table = self.items.table() if table is None else table
+        states, weights = self.aligned(last, prefs, pref_mask)
         rep = self.backbone.head(states[:, -1], table)
         return rep, None if weights is None else weights[:, -1]
 
