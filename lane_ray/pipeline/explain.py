@@ -1,14 +1,18 @@
-"""Ray Data stage: recommended (user, item) candidates -> CoT explanations (``explanations.parquet``) and
-their logic-check rates (``explanation_checks.json``), cached.
+"""Ray Data stage: recommended (user, item) candidates with the model's attribution -> explanations that state
+it (``explanations.parquet``) and the checks that they follow it (``explanation_checks.json``), cached.
 
-Candidates come from a file with ``user_id, item_id, rank, score, preference_weights`` (one row per
-recommended item; the weights are the recommender's alignment weights over the user's ``m`` preferences).
-Until the LANE model lands, that file is written by hand or by another tool; later the model writes it.
+Candidates come from ``candidates.parquet`` as the model (``lane evaluate``) or another tool writes it:
+``user_id, item_id, rank, score`` and the attribution ``pref_contrib`` (list<float32>, one per preference of
+``preferences.parquet``, in its order), ``pref_share`` (float32), ``history_item_ids`` (list<int64>, raw ids)
+and ``history_contrib`` (list<float32>), optional ``hit_rate`` (float32, the validation hit rate of the rank).
+The attribution is read from the file, never recomputed. ``controls.parquet`` next to it (same schema; random
+items ranked below 500) feeds the judge mode's likelihood AUC.
 
-Rows are keyed by (user, item, rank, score, preferences, weights, history, target, settings, prompt version,
-model): a re-run only explains what is missing. LLM actors (one backend per actor) explain batches of
-candidates; each batch is one atomic part file. The checks that compare explanations with each other
-(monotonicity within a user, copying across users) are recomputed over the whole current file at the end.
+Three kinds of rows are generated in one pass (one actor pool): ``main`` (the explanations), ``counterfactual``
+(the main label moved to another preference, for ``follows_attribution``) and, in judge mode, ``control``.
+Main rows end in ``explanations.parquet``, the others in ``explanations_aux.parquet``. Rows are keyed by
+everything they depend on (attribution, preferences, history, target, settings, prompt version, model): a
+re-run only explains what is missing. The checks are recomputed over the whole current batch at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,53 +35,44 @@ from lane_ray.llm.explain import (
     EXPLAIN_PROMPT_VERSION,
     ExplainRequest,
     ExplainSettings,
-    check_rates,
-    compute_checks,
+    counterfactual,
     explain_batch,
 )
+from lane_ray.llm.explain_checks import ROW_CHECKS, Vocabulary, check_rates, compute_checks
 from lane_ray.llm.prompts import HistoryItem
 from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
 from lane_ray.progress import NewEntries, RssSampler, expect, log
 from lane_ray.text.rows import key64
 
-CANDIDATE_COLUMNS = ("user_id", "item_id", "rank", "score", "preference_weights")
+CANDIDATE_COLUMNS = ("user_id", "item_id", "rank", "score", "pref_contrib", "pref_share", "history_item_ids",
+                     "history_contrib")
+OPTIONAL_COLUMNS = ("hit_rate",)
+KINDS = ("main", "counterfactual", "control")
 
 CHECKS_TYPE = pa.struct([
-    ("format_ok", pa.bool_()), ("names_target", pa.bool_()), ("top_weight_cited", pa.bool_()),
-    ("likelihood_monotone", pa.bool_()), ("not_copied", pa.bool_()), ("unique_ratio", pa.float32()),
+    ("format_ok", pa.bool_()), ("cites_main", pa.bool_()), ("follows_attribution", pa.bool_()),
+    ("evidence_valid", pa.bool_()), ("claims", pa.int64()), ("unsupported", pa.int64()),
+    ("not_copied", pa.bool_()), ("unique_ratio", pa.float32()), ("fit_spearman", pa.float32()),
+    ("closest_preference", pa.int64()), ("cf_closest_preference", pa.int64()),
 ])
+assert tuple(f.name for f in CHECKS_TYPE) == ROW_CHECKS
 
+_ints, _floats, _strs = pa.list_(pa.int64()), pa.list_(pa.float32()), pa.list_(pa.string())
 EXPLANATIONS_SCHEMA = pa.schema([
-    ("user_id", pa.int64()), ("item_id", pa.int64()), ("rank", pa.int64()), ("steps", pa.list_(pa.string())),
-    ("likelihood", pa.string()), ("reason", pa.string()), ("preference_weights", pa.list_(pa.float32())),
-    ("checks", CHECKS_TYPE), ("source", pa.string()), ("fit", pa.list_(pa.float32())),
-    ("why", pa.list_(pa.string())), ("weighted_fit", pa.float32()), ("score", pa.float64()),
-    ("title", pa.string()), ("format_ok", pa.bool_()), ("key_sha1", pa.string()), ("model", pa.string()),
-    ("prompt_version", pa.string()), ("raw", pa.string()), ("new_tokens", pa.int64()), ("attempts", pa.int64()),
+    ("user_id", pa.int64()), ("item_id", pa.int64()), ("rank", pa.int64()), ("score", pa.float64()),
+    ("title", pa.string()), ("mode", pa.string()), ("steps", _strs), ("likelihood", pa.string()),
+    ("reason", pa.string()), ("because", pa.string()), ("reason_free", pa.string()),
+    ("main_preference", pa.string()), ("main_index", pa.int64()), ("preferences", _strs), ("labels", _strs),
+    ("order", _ints), ("pref_contrib", _floats), ("pref_share", pa.float32()), ("cites_history", pa.bool_()),
+    ("evidence_item_ids", _ints), ("offered_item_ids", _ints), ("valid_item_ids", _ints), ("fit", _floats),
+    ("llm_likelihood", pa.string()), ("model_likelihood", pa.string()), ("likelihood_source", pa.string()),
+    ("attribution", pa.string()), ("source", pa.string()), ("format_ok", pa.bool_()), ("raw", pa.string()),
+    ("new_tokens", pa.int64()), ("attempts", pa.int64()), ("checks", CHECKS_TYPE), ("kind", pa.string()),
+    ("key_sha1", pa.string()), ("model", pa.string()), ("prompt_version", pa.string()),
 ])
-
-_REQUEST_COLUMNS = ["user_id", "item_id", "rank", "score", "weights", "preferences", "history", "target",
-                    "key_sha1"]
 
 
 # -- candidates --------------------------------------------------------------------------------------------
-
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    rows, lines = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON ({exc.msg})", file=path, row=n) from None
-            if not isinstance(obj, dict):
-                raise DataError("expected a JSON object", file=path, row=n)
-            rows.append(obj)
-            lines.append(n)
-    return rows, lines
-
 
 def _int(v: Any, path: Path, row: int, name: str, minimum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
@@ -86,50 +82,61 @@ def _int(v: Any, path: Path, row: int, name: str, minimum: int | None = None) ->
     return int(v)
 
 
+def _num(v: Any, path: Path, row: int, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise DataError(f"expected a finite number, got {v!r}", file=path, row=row, field=name)
+    return float(v)
+
+
+def _list(v: Any, path: Path, row: int, name: str, conv: Callable[..., Any], empty: bool) -> list[Any]:
+    if not isinstance(v, (list, tuple)) or (not empty and not v):
+        raise DataError(f"expected a {'' if empty else 'non-empty '}list, got {v!r}", file=path, row=row, field=name)
+    return [conv(x, path, row, name) for x in v]
+
+
 def read_candidates(path: str | Path) -> list[dict[str, Any]]:
-    """Validated candidate rows of a Parquet file or directory, or a JSON-lines file (``.jsonl``, ``.json``,
-    ``.ndjson``): integer ``user_id`` and ``item_id``, ``rank >= 1`` unique per user, a finite ``score``, and
-    ``preference_weights`` a non-empty list of finite, non-negative numbers. Each row keeps ``_row``: its
-    1-based row (Parquet) or line (JSON lines) for error messages. Bad input raises a one-line DataError."""
+    """Validated candidate rows of a Parquet file or directory: integer ``user_id`` and ``item_id``, ``rank >= 1``
+    unique per user, a finite ``score``, ``pref_contrib`` a non-empty list of finite numbers, a finite
+    ``pref_share``, ``history_item_ids`` integers and ``history_contrib`` finite numbers of the same length,
+    and, when the column exists, ``hit_rate`` in [0, 1] or null. Each row keeps ``_row`` (1-based) for error
+    messages. Bad input raises a one-line DataError naming file, row and field."""
     path = Path(path)
     if not path.exists():
         raise DataError("candidates file not found", file=path)
-    if path.is_dir() or path.suffix == ".parquet":
-        table = read_parquet(path)
-        missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
-        if missing:
-            raise DataError(f"missing column (found: {', '.join(table.column_names)})", file=path, field=missing[0])
-        cols = {c: table[c].to_pylist() for c in CANDIDATE_COLUMNS}
-        raw = [{c: cols[c][i] for c in CANDIDATE_COLUMNS} for i in range(table.num_rows)]
-        numbers = list(range(1, table.num_rows + 1))
-    elif path.suffix in (".jsonl", ".json", ".ndjson"):
-        raw, numbers = _read_jsonl(path)
-        for r, n in zip(raw, numbers, strict=True):
-            for c in CANDIDATE_COLUMNS:
-                if c not in r:
-                    raise DataError("missing field", file=path, row=n, field=c)
-    else:
-        raise DataError("unknown candidates format: use .parquet (file or directory) or .jsonl", file=path)
-    if not raw:
+    if not (path.is_dir() or path.suffix == ".parquet"):
+        raise DataError("unknown candidates format: use .parquet (a file or a directory of parts)", file=path)
+    table = read_parquet(path)
+    missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
+    if missing:
+        hint = " (written by `lane evaluate` with the attribution)" if "pref_contrib" in missing else ""
+        raise DataError(f"missing column{hint}; found: {', '.join(table.column_names)}", file=path,
+                        field=missing[0])
+    names = [c for c in (*CANDIDATE_COLUMNS, *OPTIONAL_COLUMNS) if c in table.column_names]
+    cols = {c: table[c].to_pylist() for c in names}
+    if not table.num_rows:
         raise DataError("no candidate rows", file=path)
     out = []
     seen_item: dict[tuple[int, int], int] = {}
     seen_rank: dict[tuple[int, int], int] = {}
-    for r, n in zip(raw, numbers, strict=True):
+    for j in range(table.num_rows):
+        n = j + 1
+        r = {c: cols[c][j] for c in names}
         u = _int(r["user_id"], path, n, "user_id")
         i = _int(r["item_id"], path, n, "item_id")
         k = _int(r["rank"], path, n, "rank", minimum=1)
-        s = r["score"]
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise DataError(f"expected a finite number, got {s!r}", file=path, row=n, field="score")
-        w = r["preference_weights"]
-        if not isinstance(w, (list, tuple)) or not w:
-            raise DataError(f"expected a non-empty list of numbers, got {w!r}", file=path, row=n,
-                            field="preference_weights")
-        for x in w:
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
-                raise DataError(f"every weight must be a finite number >= 0, got {x!r}", file=path, row=n,
-                                field="preference_weights")
+        s = _num(r["score"], path, n, "score")
+        contrib = _list(r["pref_contrib"], path, n, "pref_contrib", _num, empty=False)
+        share = _num(r["pref_share"], path, n, "pref_share")
+        hids = _list(r["history_item_ids"], path, n, "history_item_ids", _int, empty=True)
+        hcon = _list(r["history_contrib"], path, n, "history_contrib", _num, empty=True)
+        if len(hids) != len(hcon):
+            raise DataError(f"{len(hcon)} values for {len(hids)} history_item_ids", file=path, row=n,
+                            field="history_contrib")
+        hit = r.get("hit_rate")
+        if hit is not None:
+            hit = _num(hit, path, n, "hit_rate")
+            if not 0.0 <= hit <= 1.0:
+                raise DataError(f"must be in [0, 1], got {hit!r}", file=path, row=n, field="hit_rate")
         if (u, i) in seen_item:
             raise DataError(f"user {u} has item {i} twice (also row {seen_item[(u, i)]})", file=path, row=n,
                             field="item_id")
@@ -137,8 +144,8 @@ def read_candidates(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"user {u} has rank {k} twice (also row {seen_rank[(u, k)]})", file=path, row=n,
                             field="rank")
         seen_item[(u, i)] = seen_rank[(u, k)] = n
-        out.append({"user_id": u, "item_id": i, "rank": k, "score": float(s),
-                    "preference_weights": [float(x) for x in w], "_row": n})
+        out.append({"user_id": u, "item_id": i, "rank": k, "score": s, "pref_contrib": contrib, "pref_share": share,
+                    "history_item_ids": hids, "history_contrib": hcon, "hit_rate": hit, "_row": n})
     return out
 
 
@@ -158,20 +165,10 @@ def _history_sha1(items: list[HistoryItem]) -> str:
     return hashlib.sha1(json.dumps([[it.title, it.genres, it.year] for it in items]).encode()).hexdigest()
 
 
-def build_requests(cands: list[dict[str, Any]], preferences: pa.Table, interactions: pa.Table, catalog: pa.Table,
-                   candidates_path: str | Path, preferences_path: str | Path) -> list[ExplainRequest]:
-    """One :class:`ExplainRequest` per candidate row: the user's preferences (from ``preferences``), train
-    prefix (leave-one-out, never validation or test items) and the target's catalogue entry. A row naming an
-    unknown user or item, or whose weight count differs from the user's preference count, raises DataError."""
-    from lane_ray.data.split import LeaveOneOutSplit
-
-    for c in ("user_id", "preferences"):
-        if c not in preferences.column_names:
-            raise DataError("missing column", file=preferences_path, field=c)
-    prefs = {int(u): list(p or []) for u, p in zip(preferences["user_id"].to_pylist(),
-                                                   preferences["preferences"].to_pylist(), strict=True)}
+def catalogue_items(catalog: pa.Table) -> dict[int, HistoryItem]:
+    """Item id -> its entry as prompts show it (title, genres, year where the catalogue has them)."""
     cols = catalog.column_names
-    meta = {
+    return {
         int(i): HistoryItem(t or "", g, str(y) if y is not None else None)
         for i, t, g, y in zip(
             catalog["item_id"].to_pylist(), catalog["title"].to_pylist(),
@@ -179,8 +176,24 @@ def build_requests(cands: list[dict[str, Any]], preferences: pa.Table, interacti
             catalog["year"].to_pylist() if "year" in cols else [None] * catalog.num_rows, strict=True,
         )
     }
+
+
+def build_requests(cands: list[dict[str, Any]], preferences: pa.Table, interactions: pa.Table, catalog: pa.Table,
+                   candidates_path: str | Path, preferences_path: str | Path) -> list[ExplainRequest]:
+    """One :class:`ExplainRequest` per candidate row: the user's preferences (from ``preferences``), train
+    prefix (leave-one-out, never validation or test items), the target's and the evidence items' catalogue
+    entries, and the row's attribution as written. A row naming an unknown user or item, or whose
+    ``pref_contrib`` length differs from the user's preference count, raises DataError."""
+    from lane_ray.data.split import LeaveOneOutSplit
+
+    for c in ("user_id", "preferences"):
+        if c not in preferences.column_names:
+            raise DataError("missing column", file=preferences_path, field=c)
+    prefs = {int(u): list(p or []) for u, p in zip(preferences["user_id"].to_pylist(),
+                                                   preferences["preferences"].to_pylist(), strict=True)}
+    meta = catalogue_items(catalog)
     split = LeaveOneOutSplit.from_interactions(interactions)
-    histories: dict[int, list[HistoryItem]] = {}
+    histories: dict[int, list[int]] = {}
     out = []
     path = Path(candidates_path)
     for c in cands:
@@ -188,14 +201,15 @@ def build_requests(cands: list[dict[str, Any]], preferences: pa.Table, interacti
         if u not in prefs:
             raise DataError(f"user {u} has no preferences in {preferences_path} (run `lane preferences` for them)",
                             file=path, row=n, field="user_id")
-        if not prefs[u]:
-            raise DataError(f"user {u} has an empty preference list in {preferences_path}", file=path, row=n,
-                            field="user_id")
-        if len(c["preference_weights"]) != len(prefs[u]):
-            raise DataError(f"{len(c['preference_weights'])} weights but user {u} has {len(prefs[u])} preferences",
-                            file=path, row=n, field="preference_weights")
+        if len(c["pref_contrib"]) != len(prefs[u]):
+            raise DataError(f"{len(c['pref_contrib'])} values but user {u} has {len(prefs[u])} preferences",
+                            file=path, row=n, field="pref_contrib")
         if c["item_id"] not in meta:
             raise DataError(f"item {c['item_id']} is not in the catalogue", file=path, row=n, field="item_id")
+        for h in c["history_item_ids"]:
+            if h not in meta:
+                raise DataError(f"history item {h} is not in the catalogue", file=path, row=n,
+                                field="history_item_ids")
         if u not in histories:
             pos = int(np.searchsorted(split.user_ids, u))
             if pos >= split.num_users or int(split.user_ids[pos]) != u:
@@ -203,9 +217,12 @@ def build_requests(cands: list[dict[str, Any]], preferences: pa.Table, interacti
                                 field="user_id")
             prefix = split.train_prefix(pos)
             split.check_history(pos, prefix)  # the guard: only train items reach a prompt
-            histories[u] = [meta[int(x)] for x in prefix]
-        out.append(ExplainRequest(u, c["item_id"], c["rank"], c["score"], meta[c["item_id"]], histories[u],
-                                  prefs[u], c["preference_weights"]))
+            histories[u] = [int(x) for x in prefix]
+        hist = histories[u]
+        out.append(ExplainRequest(
+            u, c["item_id"], c["rank"], c["score"], meta[c["item_id"]], [meta[x] for x in hist], prefs[u],
+            c["pref_contrib"], c["pref_share"], hist, c["history_item_ids"], c["history_contrib"],
+            [meta[h] for h in c["history_item_ids"]], c.get("hit_rate")))
     return out
 
 
@@ -213,36 +230,45 @@ def settings_from_config(cfg: Any) -> ExplainSettings:
     """:class:`ExplainSettings` from a :class:`~lane_ray.config.LaneConfig` (its ``explain`` and ``preferences``
     sections)."""
     ec = cfg.explain
-    return ExplainSettings(budget_tokens=ec.budget_tokens, with_attributes=cfg.preferences.with_attributes,
-                           item_noun=cfg.preferences.item_noun, max_why_tokens=ec.max_why_tokens,
-                           max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries,
-                           temperature=ec.temperature, seed=ec.seed)
+    return ExplainSettings(
+        mode=ec.mode, budget_tokens=ec.budget_tokens, with_attributes=cfg.preferences.with_attributes,
+        item_noun=cfg.preferences.item_noun, also_share=ec.also_share, min_pref_share=ec.min_pref_share,
+        evidence_items=ec.evidence_items, recent_options=ec.recent_options, high_hit_rate=ec.high_hit_rate,
+        medium_hit_rate=ec.medium_hit_rate, template_high_rank=ec.template_high_rank,
+        template_medium_rank=ec.template_medium_rank, max_why_tokens=ec.max_why_tokens,
+        max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries, temperature=ec.temperature,
+        seed=ec.seed)
 
 
-def request_key(req: ExplainRequest, model_id: str, settings: ExplainSettings) -> str:
-    """SHA-1 of everything an explanation depends on (weights as stored, float32)."""
-    payload = [req.user_id, req.item_id, req.rank, repr(float(req.score)), req.preferences,
-               [repr(float(w)) for w in np.asarray(req.weights, dtype=np.float32)],
-               _history_sha1(req.history), [req.target.title, req.target.genres, req.target.year],
+def request_to_json(req: ExplainRequest) -> str:
+    return json.dumps(asdict(req), ensure_ascii=False)
+
+
+def request_from_json(text: str) -> ExplainRequest:
+    d = json.loads(text)
+    d["target"] = HistoryItem(**d["target"])
+    d["history"] = [HistoryItem(**h) for h in d["history"]]
+    d["evidence"] = [HistoryItem(**h) for h in d["evidence"]]
+    return ExplainRequest(**d)
+
+
+def request_key(req: ExplainRequest, model_id: str, settings: ExplainSettings, kind: str = "main") -> str:
+    """SHA-1 of everything an explanation depends on (attribution values as stored, float32)."""
+    f32 = lambda xs: [repr(float(x)) for x in np.asarray(xs, dtype=np.float32)]  # noqa: E731
+    payload = [kind, req.user_id, req.item_id, req.rank, repr(float(req.score)), req.preferences,
+               f32(req.pref_contrib), f32([req.pref_share]), req.evidence_ids, f32(req.evidence_contrib),
+               None if req.hit_rate is None else f32([req.hit_rate]), req.history_ids, _history_sha1(req.history),
+               [req.target.title, req.target.genres, req.target.year], req.attribution,
                model_id, EXPLAIN_PROMPT_VERSION, sorted(settings.__dict__.items())]
     return hashlib.sha1(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
-def _item(x: list[Any]) -> HistoryItem:
-    return HistoryItem(*x)
-
-
-def _requests_table(reqs: list[ExplainRequest], keys: list[str]) -> pa.Table:
+def _requests_table(reqs: list[ExplainRequest], keys: list[str], kinds: list[str]) -> pa.Table:
     return pa.table({
         "user_id": pa.array([r.user_id for r in reqs], pa.int64()),
         "item_id": pa.array([r.item_id for r in reqs], pa.int64()),
-        "rank": pa.array([r.rank for r in reqs], pa.int64()),
-        "score": pa.array([r.score for r in reqs], pa.float64()),
-        "weights": pa.array([[float(w) for w in np.asarray(r.weights, np.float32)] for r in reqs],
-                            pa.list_(pa.float32())),
-        "preferences": pa.array([r.preferences for r in reqs], pa.list_(pa.string())),
-        "history": pa.array([json.dumps([[it.title, it.genres, it.year] for it in r.history]) for r in reqs]),
-        "target": pa.array([json.dumps([r.target.title, r.target.genres, r.target.year]) for r in reqs]),
+        "request": pa.array([request_to_json(r) for r in reqs], pa.string()),
+        "kind": pa.array(kinds, pa.string()),
         "key_sha1": pa.array(keys, pa.string()),
     })
 
@@ -265,102 +291,135 @@ class ExplainBatch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         d = batch.to_pydict()
-        reqs = [ExplainRequest(u, i, k, s, _item(json.loads(t)), [_item(x) for x in json.loads(h)], p, w)
-                for u, i, k, s, w, p, h, t in zip(d["user_id"], d["item_id"], d["rank"], d["score"], d["weights"],
-                                                  d["preferences"], d["history"], d["target"], strict=True)]
+        reqs = [request_from_json(t) for t in d["request"]]
         results = explain_batch(reqs, self.backend, self.settings, getattr(self.backend, "count_tokens", None))
         rows = []
-        for e, key in zip(results, d["key_sha1"], strict=True):
+        for e, key, kind in zip(results, d["key_sha1"], d["kind"], strict=True):
             row = e.to_row()
-            row.update(checks=None, key_sha1=key, model=self.backend.model_id, prompt_version=EXPLAIN_PROMPT_VERSION)
+            row.update(checks=None, kind=kind, key_sha1=key, model=self.backend.model_id,
+                       prompt_version=EXPLAIN_PROMPT_VERSION)
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA)
 
 
-def _with_checks(table: pa.Table, threshold: float) -> tuple[pa.Table, dict[str, Any]]:
-    """``table`` sorted by user and rank with every row's logic checks, and the batch summary."""
-    table = table.sort_by([("user_id", "ascending"), ("rank", "ascending")])
-    rows = table.drop_columns(["checks"]).to_pylist()
-    checks = compute_checks(rows, threshold)
-    idx = table.column_names.index("checks")
-    table = table.set_column(idx, "checks", pa.array(checks, CHECKS_TYPE))
-    return table, check_rates(rows, checks, threshold)
+def aux_path(out: Path) -> Path:
+    """Where the counterfactual and control rows of ``out`` live."""
+    return out.with_name(out.name.removesuffix(".parquet") + "_aux.parquet")
+
+
+def _keys(t: pa.Table) -> np.ndarray:
+    if not t.num_rows:
+        return np.zeros(0, np.uint64)
+    return key64([t["user_id"].to_numpy(), t["item_id"].to_numpy()], t["key_sha1"].to_pylist())
 
 
 def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Path, backend_kind: str,
                      backend_kwargs: dict[str, Any], settings: ExplainSettings, model_id: str, batch_size: int = 16,
                      actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                      use_ray: bool = True, not_copied_threshold: float = 0.5, backend: Any = None,
-                     connect: Callable[[], Any] | None = None, niceness: int | None = -5) -> dict[str, Any]:
-    """Explain ``requests`` into the part directory ``out`` (only those not cached), recompute the logic
-    checks over the current rows, and write the rates to ``checks_path``; returns that summary.
-    ``backend`` (in-process mode only) is used instead of constructing one; ``connect`` (e.g. ``init_ray``)
-    is called only when there is something to explain with Ray, so a fully cached re-run starts no cluster."""
+                     connect: Callable[[], Any] | None = None, niceness: int | None = -5, encoder: Any = None,
+                     vocab: Vocabulary | None = None, controls: list[ExplainRequest] | None = None,
+                     follows: bool = True) -> dict[str, Any]:
+    """Explain ``requests`` into the part directory ``out`` (only those not cached), with their counterfactuals
+    (``follows``) and, in judge mode, ``controls`` into :func:`aux_path`; recompute the checks over the current
+    rows and write the summary to ``checks_path``; returns it. ``encoder`` (a
+    :class:`~lane_ray.text.TextEncoder`) enables the embedding checks, ``vocab`` the claims check.
+    ``backend`` (in-process mode only) is used instead of constructing one; ``connect`` (e.g. ``init_ray``) is
+    called only when there is something to explain with Ray, so a fully cached re-run starts no cluster."""
     if backend is not None and use_ray:
         raise ValueError("an injected backend runs in-process only (use_ray=False)")
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    unfinished = remove_unfinished(out)
-    keys = [request_key(r, model_id, settings) for r in requests]
-    user_ids = np.array([r.user_id for r in requests], dtype=np.int64)
-    item_ids = np.array([r.item_id for r in requests], dtype=np.int64)
-    current = key64([user_ids, item_ids], keys) if requests else np.zeros(0, np.uint64)
+    aux = aux_path(out)
+    for d in (out, aux):
+        d.mkdir(parents=True, exist_ok=True)
+    unfinished = remove_unfinished(out) + remove_unfinished(aux)
+    jobs: list[tuple[ExplainRequest, str]] = [(r, "main") for r in requests]
+    if follows:
+        jobs += [(cf, "counterfactual") for cf in (counterfactual(r, settings) for r in requests) if cf is not None]
+    if settings.mode == "judge":
+        jobs += [(c, "control") for c in controls or []]
+    reqs = [j[0] for j in jobs]
+    kinds = [j[1] for j in jobs]
+    keys = [request_key(r, model_id, settings, k) for r, k in jobs]
+    current = key64([np.array([r.user_id for r in reqs], np.int64), np.array([r.item_id for r in reqs], np.int64)],
+                    keys) if jobs else np.zeros(0, np.uint64)
     have = np.zeros(0, np.uint64)
-    if part_files(out):
-        t = read_parquet(out, columns=["user_id", "item_id", "key_sha1"])
-        have = key64([t["user_id"].to_numpy(), t["item_id"].to_numpy()], t["key_sha1"].to_pylist())
-    todo = ~np.isin(current, have)
-    todo_idx = np.flatnonzero(todo)
-    log(f"explain: {len(requests):,} candidates, {len(requests) - todo_idx.size:,} cached, "
-        f"{todo_idx.size:,} to explain")
+    for d in (out, aux):
+        if part_files(d):
+            have = np.concatenate([have, _keys(read_parquet(d, columns=["user_id", "item_id", "key_sha1"]))])
+    todo_idx = np.flatnonzero(~np.isin(current, have))
+    n_main = len(requests)
+    log(f"explain: {n_main:,} candidates ({len(jobs) - n_main:,} counterfactual/control rows), "
+        f"{len(jobs) - todo_idx.size:,} cached, {todo_idx.size:,} to explain")
     gen_seconds = 0.0
     with RssSampler() as rss:
         if todo_idx.size:
-            table = _requests_table([requests[i] for i in todo_idx], [keys[i] for i in todo_idx])
-            settings_d = settings.__dict__.copy()
+            table = _requests_table([reqs[i] for i in todo_idx], [keys[i] for i in todo_idx],
+                                    [kinds[i] for i in todo_idx])
             t1 = time.perf_counter()
             if use_ray and connect is not None:
                 connect()
-            ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs, "settings": settings_d,
+            ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs,
+                    "settings": settings.__dict__.copy(),
                     "niceness": niceness if use_ray else None}  # in-process: never renice the driver
             expect(int(todo_idx.size), NewEntries(out), "explanations")
             map_to_parts(table, ExplainBatch, ctor, out, batch_size, actors, cpus_per_actor, gpus_per_actor,
                          use_ray, worker=ExplainBatch(**ctor, backend=backend) if not use_ray else None)
             gen_seconds = time.perf_counter() - t1
-    # compaction: one row per current key, checks recomputed over the whole current batch
-    found = read_parquet(out) if part_files(out) else EXPLANATIONS_SCHEMA.empty_table()
-    found_keys = key64([found["user_id"].to_numpy(), found["item_id"].to_numpy()],
-                       found["key_sha1"].to_pylist()) if found.num_rows else np.zeros(0, np.uint64)
-    first = np.zeros(found_keys.size, dtype=bool)
-    first[np.unique(found_keys, return_index=True)[1]] = True
-    live = found.filter(pa.array(np.isin(found_keys, current) & first)).cast(EXPLANATIONS_SCHEMA)
-    if live.num_rows != len(requests):
-        raise LaneError(f"{out}: expected {len(requests)} explanations after the run, found {live.num_rows}")
-    final, summary = _with_checks(live, not_copied_threshold)
-    old = part_files(out)
-    write_part(out, final, {b"prompt_version": EXPLAIN_PROMPT_VERSION.encode(), b"model": model_id.encode()})
+    # compaction: one row per current key; main rows in `out`, the others in `aux`
+    old = part_files(out) + part_files(aux)
+    found = pa.concat_tables([read_parquet(d).cast(EXPLANATIONS_SCHEMA) for d in (out, aux) if part_files(d)]) \
+        if old else EXPLANATIONS_SCHEMA.empty_table()
+    fk = _keys(found)
+    first = np.zeros(fk.size, dtype=bool)
+    first[np.unique(fk, return_index=True)[1]] = True
+    live = found.filter(pa.array(np.isin(fk, current) & first))
+    if live.num_rows != len(jobs):
+        raise LaneError(f"{out}: expected {len(jobs)} explanations after the run, found {live.num_rows}")
+    live = live.sort_by([("user_id", "ascending"), ("rank", "ascending")])
+    kind = np.array(live["kind"].to_pylist())
+    main = live.filter(pa.array(kind == "main"))
+    rest = live.filter(pa.array(kind != "main"))
+    rows = main.drop_columns(["checks"]).to_pylist()
+    rest_rows = rest.drop_columns(["checks"]).to_pylist()
+    cfs = {(r["user_id"], r["item_id"]): r for r in rest_rows if r["kind"] == "counterfactual"}
+    encode = encoder.encode if encoder is not None else None
+    checks = compute_checks(rows, not_copied_threshold, encode, vocab, cfs)
+    main = main.set_column(main.column_names.index("checks"), "checks", pa.array(checks, CHECKS_TYPE))
+    summary = check_rates(rows, checks, not_copied_threshold, vocab,
+                          [r for r in rest_rows if r["kind"] == "control"])
+    meta = {b"prompt_version": EXPLAIN_PROMPT_VERSION.encode(), b"model": model_id.encode()}
+    write_part(out, main, meta)
+    write_part(aux, rest, meta)
     for p in old:  # written first, removed after: a crash in between leaves duplicates, never a loss
         p.unlink()
     summary.update({
         "model": model_id, "prompt_version": EXPLAIN_PROMPT_VERSION, "explained_now": int(todo_idx.size),
-        "cached": len(requests) - int(todo_idx.size), "seconds": round(time.perf_counter() - t0, 3),
-        "generate_seconds": round(gen_seconds, 3), "discarded_unfinished_writes": unfinished,
-        "driver_peak_rss_mb": rss.peak_mb, "settings": settings.__dict__.copy(),
+        "cached": len(jobs) - int(todo_idx.size), "counterfactuals": len(cfs),
+        "controls": int((kind == "control").sum()),
+        "encoder": getattr(encoder, "model_id", None) or (type(encoder).__name__ if encoder is not None else None),
+        "seconds": round(time.perf_counter() - t0, 3), "generate_seconds": round(gen_seconds, 3),
+        "discarded_unfinished_writes": unfinished, "driver_peak_rss_mb": rss.peak_mb,
+        "settings": settings.__dict__.copy(),
     })
     if todo_idx.size and gen_seconds:
-        now = final.filter(pa.array(np.isin(key64([final["user_id"].to_numpy(), final["item_id"].to_numpy()],
-                                                  final["key_sha1"].to_pylist()), current[todo_idx])))
-        toks = int(np.sum(now["new_tokens"].to_numpy()))
+        now_keys = set(keys[i] for i in todo_idx)
+        toks = int(sum(t for t, k in zip(live["new_tokens"].to_pylist(), live["key_sha1"].to_pylist(), strict=True)
+                       if k in now_keys))
         summary["new_tokens"] = toks
         summary["tokens_per_s"] = round(toks / gen_seconds, 1)
         summary["explanations_per_s"] = round(todo_idx.size / gen_seconds, 3)
+        summary["seconds_per_explanation"] = round(gen_seconds / todo_idx.size, 3)
     write_json(checks_path, summary)
     return summary
 
 
-def load_requests(run_dir: Path, candidates: Path, top_k: int | None, max_users: int | None) -> list[ExplainRequest]:
+def load_requests(run_dir: Path, candidates: Path, top_k: int | None, max_users: int | None,
+                  controls: bool = False) -> tuple[list[ExplainRequest], list[ExplainRequest], Vocabulary]:
     """Validated requests of a run directory: candidates from ``candidates``, preferences from
-    ``run_dir/preferences.parquet``, titles and train prefixes from ``run_dir/data/``."""
+    ``run_dir/preferences.parquet``, titles and train prefixes from ``run_dir/data/``; with ``controls``, the
+    negative controls of the same users from ``controls.parquet`` beside the candidates (empty when absent);
+    and the catalogue's :class:`Vocabulary`."""
     from lane_ray.data import read_prepared
 
     cands = select_candidates(read_candidates(candidates), top_k, max_users)
@@ -373,12 +432,22 @@ def load_requests(run_dir: Path, candidates: Path, top_k: int | None, max_users:
         raise LaneError(f"{run_dir / 'data'}: no prepared data here; run `lane data prepare DATASET --out {run_dir}`")
     prepared = read_prepared(run_dir)
     prefs = read_parquet(prefs_path, columns=["user_id", "preferences"])
-    return build_requests(cands, prefs, prepared.interactions, prepared.catalog, candidates, prefs_path)
+    reqs = build_requests(cands, prefs, prepared.interactions, prepared.catalog, candidates, prefs_path)
+    ctrl: list[ExplainRequest] = []
+    cpath = Path(candidates).with_name("controls.parquet")
+    if controls and cpath.exists():
+        users = {r.user_id for r in reqs}
+        rows = [c for c in read_candidates(cpath) if c["user_id"] in users]
+        ctrl = build_requests(rows, prefs, prepared.interactions, prepared.catalog, cpath, prefs_path)
+    cat = prepared.catalog
+    vocab = Vocabulary({i: (h.genres, h.year) for i, h in catalogue_items(cat).items()})
+    return reqs, ctrl, vocab
 
 
 def read_explanations(path: str | Path) -> pa.Table:
     return read_parquet(path)
 
 
-__all__ = ["CANDIDATE_COLUMNS", "EXPLANATIONS_SCHEMA", "ExplainBatch", "build_requests", "load_requests",
-           "read_candidates", "read_explanations", "request_key", "run_explanations", "select_candidates"]
+__all__ = ["CANDIDATE_COLUMNS", "EXPLANATIONS_SCHEMA", "KINDS", "ExplainBatch", "aux_path", "build_requests",
+           "catalogue_items", "load_requests", "read_candidates", "read_explanations", "request_from_json",
+           "request_key", "request_to_json", "run_explanations", "select_candidates"]
