@@ -84,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int, help="only the first N users by id")
     p.set_defaults(func=cmd_preferences)
 
-    p = sub.add_parser("explain", help="chain-of-thought explanations of recommended items, with logic checks "
-                       "(Ray Data, cached)")
+    p = sub.add_parser("explain", help="explanations that state the recommender's attribution, with checks that "
+                       "they follow it (Ray Data, cached)")
     _common(p)
     p.add_argument("--candidates", metavar="FILE", required=True,
-                   help="Parquet or JSONL with user_id, item_id, rank, score, preference_weights (one row per "
-                   "recommended item); preferences come from OUT/preferences.parquet, titles from OUT/data/")
+                   help="candidates.parquet with user_id, item_id, rank, score and the attribution columns "
+                   "pref_contrib, pref_share, history_item_ids, history_contrib (optional hit_rate), as `lane "
+                   "evaluate` writes it; preferences come from OUT/preferences.parquet, titles from OUT/data/")
+    p.add_argument("--mode", choices=["grounded", "judge"], help="grounded: the LLM words the model's reasons; "
+                   "judge: it also gives fit and likelihood itself (explain.mode, default grounded)")
     # each flag overrides its explain.* config field (unset = config, whose defaults are shown)
     p.add_argument("--max-users", type=int, help="only the first N users of the candidates by id (explain.max_users)")
     p.add_argument("--top-k", type=int, help="explain ranks 1..K of each user (explain.top_k, default 5)")
@@ -100,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "default 0.3)")
     p.add_argument("--seed", type=int, help="sampling seed; retries add 1000 per round (explain.seed, default 0)")
     p.add_argument("--budget-tokens", type=int,
-                   help="history tokens in the prompt, newest kept (explain.budget_tokens, default 300)")
+                   help="history tokens in the prompt, newest kept (explain.budget_tokens, default 90)")
     p.add_argument("--max-why-tokens", type=int,
-                   help="token cap of one 'why' sentence (explain.max_why_tokens, default 24)")
+                   help="token cap of the 'because' clause (explain.max_why_tokens, default 12)")
     p.add_argument("--max-reason-tokens", type=int,
-                   help="token cap of the reason (explain.max_reason_tokens, default 40)")
+                   help="token cap of the reason's free body (explain.max_reason_tokens, default 20)")
     p.add_argument("--not-copied-threshold", type=float,
                    help="minimum share of an explanation's sentences found in no other user's "
                    "(explain.not_copied_threshold, default 0.5)")
@@ -391,31 +394,48 @@ def cmd_preferences(args: argparse.Namespace) -> int:
 
 
 def _explain(cfg, candidates: Path, quiet: bool) -> dict[str, Any]:
-    """Explanations of the candidates' top ranks (``explain`` section) into the run directory, cached."""
+    """Explanations of the candidates' top ranks (``explain`` section) into the run directory, cached, with
+    their checks in ``explanation_checks.json`` (the sentence encoder of ``embed.model`` reads the free text)."""
     from lane_ray.llm import backend_kwargs, model_identity
     from lane_ray.pipeline.cluster import init_ray
     from lane_ray.pipeline.explain import load_requests, run_explanations, settings_from_config
     from lane_ray.progress import Stage
+    from lane_ray.text import TextEncoder
 
     out, ec = Path(cfg.run.out), cfg.explain
     settings = settings_from_config(cfg)
     with Stage("explain", out, quiet=quiet) as st:
-        requests = load_requests(out, candidates, ec.top_k, ec.max_users)
+        requests, controls, vocab = load_requests(out, candidates, ec.top_k, ec.max_users,
+                                                  controls=ec.mode == "judge")
         kwargs, model_id = backend_kwargs(cfg.llm), model_identity(cfg.llm)
         _share_cores(cfg, kwargs, {"CPU": float(os.cpu_count() or 1)}, ec.max_actors, 0.0)
         m = run_explanations(requests, out / "explanations.parquet", out / "explanation_checks.json",
                              cfg.llm.backend, kwargs, settings, model_id, ec.batch_size, ec.max_actors,
                              ec.cpus_per_actor, ec.gpus_per_actor, not_copied_threshold=ec.not_copied_threshold,
-                             connect=lambda: init_ray(cfg.ray), niceness=ec.actor_niceness)
+                             connect=lambda: init_ray(cfg.ray), niceness=ec.actor_niceness,
+                             encoder=TextEncoder(cfg.embed.model, device="cpu"), vocab=vocab, controls=controls,
+                             follows=ec.follows_attribution)
         st.skipped = m["explained_now"] == 0
         st.rows = m["explained_now"]
-        st.extra = {k: m[k] for k in ("tokens_per_s", "explanations_per_s", "source") if k in m}
+        st.extra = {k: m[k] for k in ("tokens_per_s", "seconds_per_explanation", "source") if k in m}
     return m
+
+
+def format_check_rates(m: dict[str, Any]) -> str:
+    """``name rate (chance c)`` for every check rate of an ``explanation_checks.json`` summary."""
+    parts = []
+    for k, v in m["rates"].items():
+        if v is None:
+            continue
+        c = m.get("chance", {}).get(k)
+        parts.append(f"{k} {v:.2f}" + (f" (chance {c:.2f})" if c is not None else ""))
+    return ", ".join(parts)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     # flags beat --set beats --config beats defaults; pydantic validates them all (one-line ConfigError)
     cfg = _config(args, **{
+        "explain.mode": args.mode,
         "explain.top_k": args.top_k, "explain.max_users": args.max_users, "explain.batch_size": args.batch_size,
         "explain.max_retries": args.max_retries, "explain.temperature": args.temperature,
         "explain.seed": args.seed, "explain.budget_tokens": args.budget_tokens,
@@ -424,9 +444,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "explain.cpus_per_actor": args.cpus_per_actor, "explain.gpus_per_actor": args.gpus_per_actor})
     out = Path(cfg.run.out)
     m = _explain(cfg, Path(args.candidates), args.quiet)
-    rates = ", ".join(f"{k} {v:.0%}" for k, v in m["rates"].items() if v is not None)
-    print(f"{out / 'explanations.parquet'}: {m['rows']} explanations ({m['explained_now']} now, {m['cached']} "
-          f"cached); source {m['source']}; checks: {rates}")
+    print(f"{out / 'explanations.parquet'}: {m['rows']} explanations ({m['explained_now']} generated now, "
+          f"{m['cached']} cached); source {m['source']}; format_ok {m['format_ok']}/{m['rows']}; checks: "
+          f"{format_check_rates(m)}")
     return 0
 
 

@@ -290,9 +290,14 @@ class PreferencesConfig(_LLMActors):
 
 
 class ExplainConfig(_LLMActors):
-    """Chain-of-thought explanations of recommended items, with logic checks (``lane explain``). The LLM comes
-    from the ``llm`` section; ``with_attributes`` and ``item_noun`` from ``preferences``."""
+    """Explanations that state the recommender's own attribution, with checks that they follow it
+    (``lane explain``; docs/explanations.md). The LLM comes from the ``llm`` section, the sentence encoder of
+    the checks from ``embed.model``; ``with_attributes`` and ``item_noun`` from ``preferences``."""
 
+    mode: Literal["grounded", "judge"] = Field(
+        "grounded", description="grounded: the prompt states the model's labels and likelihood and the LLM words "
+        "them; judge: the LLM also gives a fit per preference and a likelihood itself, and the checks measure "
+        "how far they agree with the model (Spearman with pref_contrib, likelihood AUC against controls).")
     top_k: int = Field(5, ge=1, description="Explain ranks 1..top_k of each user's candidates.")
     max_users: int | None = Field(
         None, ge=1, description="Only the first N users of the candidates by id (unset = all).")
@@ -303,12 +308,34 @@ class ExplainConfig(_LLMActors):
     temperature: float = Field(0.3, ge=0, description="Sampling temperature of the first round (0 = greedy).")
     seed: int = Field(0, description="Sampling seed of the first round; retries add 1000 per round.")
     budget_tokens: int = Field(
-        300, ge=0, description="Token budget of the history in the prompt (newest kept; the newest item always is).")
-    max_why_tokens: int = Field(24, ge=1, description="Token cap of one 'why' sentence (step 1).")
-    max_reason_tokens: int = Field(40, ge=1, description="Token cap of the recommendation reason (step 4).")
+        90, ge=0, description="Token budget of the history in the prompt (newest kept; the newest item always is).")
+    max_why_tokens: int = Field(12, ge=1, description="Token cap of the free 'because' clause.")
+    max_reason_tokens: int = Field(20, ge=1, description="Token cap of the reason's free body.")
+    also_share: float = Field(
+        0.25, ge=0, le=1, description="Label 'also': a positive pref_contrib of at least this share of the main "
+        "(largest) one; smaller or non-positive ones are 'unused'.")
+    min_pref_share: float = Field(
+        0.05, ge=0, description="Below pref_share < this x |score| (or with no positive pref_contrib) the "
+        "preferences carry nothing: the explanation cites history items instead (main_preference empty).")
+    evidence_items: int = Field(2, ge=1, le=10, description="Evidence items (positive history_contrib) shown and "
+                                "offered as the cited history title.")
+    recent_options: int = Field(
+        2, ge=0, le=10, description="The most recent history titles also offered as evidence, so the grammar "
+        "allows a wrong pick and evidence_valid can fail.")
+    high_hit_rate: float = Field(
+        0.05, ge=0, le=1, description="Likelihood 'high' where the candidate's validation hit_rate is >= this.")
+    medium_hit_rate: float = Field(
+        0.02, ge=0, le=1, description="Likelihood 'medium' at a hit_rate >= this (else 'low').")
+    template_high_rank: int = Field(
+        3, ge=1, description="Without a hit_rate column: likelihood 'high' up to this rank.")
+    template_medium_rank: int = Field(
+        10, ge=1, description="Without a hit_rate column: likelihood 'medium' up to this rank (else 'low').")
+    follows_attribution: bool = Field(
+        True, description="Regenerate every explanation with the main label moved to another preference (the "
+        "follows_attribution check; doubles the generation work).")
     not_copied_threshold: float = Field(
         0.5, ge=0, le=1,
-        description="not_copied check: minimum share of an explanation's sentences found in no other user's.")
+        description="not_copied check: minimum share of an explanation's free sentences found in no other user's.")
 
 
 class TrainConfig(_Section):
