@@ -331,23 +331,87 @@ def training_fingerprint(tc: TrainConfig, run_dir: Path) -> str:
     return h.hexdigest()
 
 
-def write_candidates(model, feats, path: Path, k: int = 10) -> int:
-    """The model's top-``k`` recommendations per user (after the full history) as the candidates file of
-    ``lane explain``: user_id, item_id, rank, score, preference_weights. A user with fewer than ``k`` unseen items
-    gets fewer rows (seen items score -inf and are not recommendations)."""
+# The attribution columns of candidates.parquet and controls.parquet (DESIGN.md "Explanations follow the model").
+ATTRIBUTION_COLUMNS = ("pref_contrib", "pref_share", "history_item_ids", "history_contrib", "hit_rate")
+
+
+def _lists(values: np.ndarray, lengths: np.ndarray, dtype: Any) -> Any:
+    """A list array of row r = ``values[r, :lengths[r]]`` (``values [R, w]``)."""
     import pyarrow as pa
 
-    from lane_ray.io import write_parquet
-    from lane_ray.train.loop import recommend
+    R = len(lengths)
+    w = values.shape[1] if values.ndim == 2 else 0
+    keep = np.arange(w)[None, :] < lengths[:, None] if R else np.zeros((0, w), dtype=bool)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = values[keep] if w else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, dtype))
 
-    rec = recommend(model, feats, k)
-    ok = np.isfinite(rec["score"])  # a user who has seen (nearly) every item has fewer than k recommendable ones
-    rec = {key: (v[ok] if v is not None else None) for key, v in rec.items()}
+
+def candidate_table(rec: dict[str, Any], feats, calibration: dict[str, Any]) -> Any:
+    """The candidates schema from :func:`~lane_ray.train.loop.recommend`-shaped arrays: user_id, item_id, rank,
+    score, preference_weights, and the attribution columns. ``pref_contrib`` follows the slot order of the user's
+    preferences (preferences.parquet's list) up to their last slot with a vector (an absent slot before it gets
+    0); ``history_item_ids`` are catalogue ids, most contributing first; ``hit_rate`` is the calibrated hit rate of
+    the row's rank."""
+    import pyarrow as pa
+
+    from lane_ray.train.loop import hit_rate_at
+
+    R = len(rec["rank"])
     w = rec["preference_weights"]
     weights = (pa.array(list(w.astype(np.float32)), pa.list_(pa.float32())) if w is not None
-               else pa.nulls(len(rec["rank"]), pa.list_(pa.float32())))
-    table = pa.table({"user_id": pa.array(rec["user_id"], pa.int64()), "item_id": pa.array(rec["item_id"], pa.int64()),
-                      "rank": pa.array(rec["rank"], pa.int64()), "score": pa.array(rec["score"], pa.float64()),
-                      "preference_weights": weights})
+               else pa.nulls(R, pa.list_(pa.float32())))
+    contrib = rec.get("pref_contrib")
+    if contrib is None or contrib.shape[1] == 0 or feats.pref_mask is None:
+        n_pref = np.zeros(R, dtype=np.int64)
+        contrib = np.zeros((R, 0), np.float32)
+    else:
+        rows = np.searchsorted(feats.split.user_ids, rec["user_id"])
+        mask = feats.pref_mask[rows][:, :contrib.shape[1]]  # [R, m]
+        n_pref = np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], 1), 0)
+    h_idx = rec.get("history_index")
+    if h_idx is None:
+        h_idx, h_val = np.zeros((R, 0), np.int64), np.zeros((R, 0), np.float32)
+    else:
+        h_val = rec["history_contrib"]
+    n_hist = (h_idx > 0).sum(1)  # found items come first
+    h_ids = np.where(h_idx > 0, feats.index.item_ids[np.maximum(h_idx, 1) - 1], 0)
+    share = rec.get("pref_share")
+    return pa.table({
+        "user_id": pa.array(rec["user_id"], pa.int64()), "item_id": pa.array(rec["item_id"], pa.int64()),
+        "rank": pa.array(rec["rank"], pa.int64()), "score": pa.array(rec["score"], pa.float64()),
+        "preference_weights": weights,
+        "pref_contrib": _lists(contrib.astype(np.float32), n_pref, pa.float32()),
+        "pref_share": pa.array(np.zeros(R, np.float32) if share is None else share.astype(np.float32), pa.float32()),
+        "history_item_ids": _lists(h_ids.astype(np.int64), n_hist, pa.int64()),
+        "history_contrib": _lists(h_val.astype(np.float32), n_hist, pa.float32()),
+        "hit_rate": pa.array(hit_rate_at(calibration, rec["rank"]), pa.float32()),
+    })
+
+
+def write_candidates(model, feats, path: Path, k: int = 10, history_top: int = 3, history_window: int = 50,
+                     controls: int = 3, seed: int = 0) -> int:
+    """The model's top-``k`` recommendations per user (after the full history) as the candidates file of
+    ``lane explain``: user_id, item_id, rank, score, preference_weights and each row's item-level attribution
+    (``pref_contrib``, ``pref_share``, ``history_item_ids``, ``history_contrib``; see
+    :func:`lane_ray.models.attribute`) with ``hit_rate``, the validation-calibrated chance that the item at that
+    rank is the user's next one. A user with fewer than ``k`` unseen items gets fewer rows (seen items score -inf
+    and are not recommendations). Beside it: ``calibration.json`` (the hit rate by rank bin, from the validation
+    split) and ``controls.parquet`` (the same schema for ``controls`` low-ranked unseen items per user, rank worse
+    than 500 or in the lower half of small catalogues, ``seed`` fixed: negative controls). Returns the number of
+    candidate rows."""
+    from lane_ray.io import write_json, write_parquet
+    from lane_ray.train.loop import hit_rate_calibration, recommend_with_controls
+
+    path = Path(path)
+    calibration = hit_rate_calibration(model, feats, "valid")
+    write_json(path.parent / "calibration.json", calibration)
+    rec, neg = recommend_with_controls(model, feats, k, controls, seed=seed, history_top=history_top,
+                                       history_window=history_window)
+    ok = np.isfinite(rec["score"])  # a user who has seen (nearly) every item has fewer than k recommendable ones
+    rec = {key: (v[ok] if v is not None else None) for key, v in rec.items()}
+    table = candidate_table(rec, feats, calibration)
+    if controls:
+        write_parquet(path.parent / "controls.parquet", candidate_table(neg, feats, calibration))
     write_parquet(path, table)
     return table.num_rows

@@ -181,13 +181,67 @@ def evaluate(model: SequentialRecommender, feats: Features, stage: str = "test",
             ranks["sampled100"].append(target_ranks(torch.cat([cand, t_score[:, None]], 1).cpu().numpy(),
                                                     t_score.cpu().numpy()))
         if "full" in protocols:
-            seen = hist.clone()
-            seen[seen == tgt[:, None]] = 0  # never mask the target (repeat consumption)
-            scores.scatter_(1, seen, float("-inf"))
-            scores[:, 0] = float("-inf")
-            scores[torch.arange(len(rows)), tgt] = t_score
+            _mask_seen_keep_target(scores, hist, tgt, t_score)
             ranks["full"].append(target_ranks(scores.cpu().numpy(), t_score.cpu().numpy()))
     return {p: rank_metrics(np.concatenate(r)) for p, r in ranks.items()}
+
+
+def _mask_seen_keep_target(scores: torch.Tensor, hist: torch.Tensor, tgt: torch.Tensor, t_score: torch.Tensor) -> None:
+    """The full-ranking protocol, in place on ``scores [B, N + 1]``: the history's items and the padding column
+    score -inf, the target ``tgt [B]`` keeps its score ``t_score [B]`` even when it is in the history (repeat
+    consumption)."""
+    seen = hist.clone()
+    seen[seen == tgt[:, None]] = 0
+    scores.scatter_(1, seen, float("-inf"))
+    scores[:, 0] = float("-inf")
+    scores[torch.arange(len(tgt), device=scores.device), tgt] = t_score
+
+
+# Rank bins of the hit-rate calibration (1-based, inclusive; None = the catalogue's last rank).
+HIT_RATE_BINS: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 10), (11, 20),
+                                                     (21, 50), (51, 100), (101, 500), (501, None))
+
+
+@torch.no_grad()
+def hit_rate_calibration(model: SequentialRecommender, feats: Features, stage: str = "valid", batch_size: int = 256,
+                         device: torch.device | str = "cpu") -> dict[str, Any]:
+    """How likely the item at rank r is the user's next one, measured on ``stage`` (validation by default, so
+    the test split stays unseen): every user's ``stage`` target is ranked in the full ranking (seen items masked,
+    as :func:`evaluate` does), the ranks are pooled into :data:`HIT_RATE_BINS`, and a bin's per-rank rate is its
+    share of users over its width. Returns ``{"stage", "users", "items", "bins": [[lo, hi], ...],
+    "counts": [...], "rates": [...]}`` (JSON-ready; the bins cover ranks 1..N: ``hi`` clipped to the catalogue,
+    bins past it left out)."""
+    device = torch.device(device)
+    model.eval()
+    N = feats.num_items
+    targets_all = feats.index.encode(feats.split.targets(stage))  # type: ignore[arg-type]
+    ranks = []
+    for rows, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device):
+        scores = model.full_scores(hist, prefs, mask)
+        tgt = torch.from_numpy(targets_all[rows]).to(device)
+        t_score = scores.gather(1, tgt[:, None]).squeeze(1)
+        _mask_seen_keep_target(scores, hist, tgt, t_score)
+        ranks.append(target_ranks(scores.cpu().numpy(), t_score.cpu().numpy()) + 1)
+    r = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+    bins, counts, rates = [], [], []
+    for lo, hi in HIT_RATE_BINS:
+        top = N if hi is None else min(hi, N)
+        if top < lo:  # past a small catalogue
+            continue
+        n = int(((r >= lo) & (r <= top)).sum())
+        bins.append([lo, top])
+        counts.append(n)
+        rates.append(n / r.size / (top - lo + 1) if r.size else 0.0)
+    return {"stage": stage, "users": int(r.size), "items": N, "bins": bins, "counts": counts, "rates": rates}
+
+
+def hit_rate_at(calibration: dict[str, Any], ranks: np.ndarray) -> np.ndarray:
+    """[R] float32 calibrated hit rate of the 1-based ``ranks`` (0 past the calibrated catalogue)."""
+    ranks = np.asarray(ranks)
+    out = np.zeros(ranks.shape, dtype=np.float32)
+    for (lo, hi), rate in zip(calibration["bins"], calibration["rates"], strict=True):
+        out[(ranks >= lo) & (ranks <= hi)] = rate
+    return out
 
 
 @torch.no_grad()
@@ -276,29 +330,143 @@ def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: t
             "train_seconds": time.perf_counter() - t0}
 
 
+Pick = Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _top_k(k: int) -> Pick:
+    """The top ``k`` of the masked full scores, ranks 1..k."""
+
+    def pick(scores: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        top = scores.topk(min(k, scores.shape[1] - 1), dim=1)
+        ranks = torch.arange(1, top.indices.shape[1] + 1, device=scores.device).expand_as(top.indices)
+        return top.indices, ranks
+
+    return pick
+
+
+def _low_ranked(per_user: int, min_rank: int, seed: int, num_items: int) -> Pick:
+    """``per_user`` distinct random unseen items ranked below ``min_rank`` (lower half in small catalogues)."""
+    rng = np.random.default_rng(seed)
+
+    def pick(scores: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        order = scores.argsort(dim=1, descending=True)  # [B, N + 1]; -inf (seen, padding) last
+        unseen = torch.isfinite(scores).sum(1).cpu().numpy()
+        B = len(rows)
+        pos = np.zeros((B, per_user), dtype=np.int64)
+        ok = np.zeros((B, per_user), dtype=bool)
+        for b in range(B):
+            lo = min_rank if num_items >= 2 * min_rank else int(unseen[b]) // 2
+            n = int(unseen[b]) - lo
+            if n <= 0:
+                continue
+            take = min(per_user, n)
+            pos[b, :take] = np.sort(rng.choice(n, size=take, replace=False)) + lo
+            ok[b, :take] = True
+        pos_t = torch.from_numpy(pos).to(scores.device)
+        ranks = torch.where(torch.from_numpy(ok).to(scores.device), pos_t + 1, 0)
+        return order.gather(1, pos_t), ranks
+
+    return pick
+
+
 @torch.no_grad()
 def recommend(model: SequentialRecommender, feats: Features, k: int = 10, stage: str = "test",
-              batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+              batch_size: int = 256, device: torch.device | str = "cpu", attribution: bool = True,
+              history_top: int = 3, history_window: int = 50) -> dict[str, np.ndarray]:
     """Top-``k`` items per user after the ``stage`` history (its items masked), with scores and, for aligned
     models, the alignment weights over the user's preferences. Arrays of ``U * k`` rows: ``user_id``,
-    ``item_id``, ``rank`` (1-based), ``score``, ``preference_weights`` ``[U * k, m]`` (or ``None``)."""
+    ``item_id``, ``rank`` (1-based), ``score``, ``preference_weights`` ``[U * k, m]`` (or ``None``); with
+    ``attribution`` also the item-level attribution of each row (:func:`lane_ray.models.attribute`):
+    ``pref_contrib [U * k, m]``, ``pref_share [U * k]``, ``history_index [U * k, h]`` (dense, 0 = none) and
+    ``history_contrib [U * k, h]`` (else these are ``None``). A user with fewer than ``k`` unseen items has -inf
+    scores in the surplus rows."""
+    return _ranked_rows(model, feats, [_top_k(k)], stage, batch_size, device, attribution, history_top,
+                        history_window)[0]
+
+
+@torch.no_grad()
+def negative_controls(model: SequentialRecommender, feats: Features, per_user: int = 3, min_rank: int = 500,
+                      seed: int = 0, stage: str = "test", batch_size: int = 256, device: torch.device | str = "cpu",
+                      attribution: bool = True, history_top: int = 3,
+                      history_window: int = 50) -> dict[str, np.ndarray]:
+    """Items the model ranks low, as controls for explanation checks: per user ``per_user`` distinct random
+    unseen items whose full-ranking rank (history masked, as in :func:`recommend`) is worse than ``min_rank``; in
+    catalogues under ``2 * min_rank`` items, from the lower half of the user's unseen items instead. Fixed seed.
+    The arrays of :func:`recommend`, ``rank`` being the item's true rank; a user with fewer eligible items gets
+    fewer rows."""
+    return recommend_with_controls(model, feats, 0, per_user, min_rank, seed, stage, batch_size, device,
+                                   attribution, history_top, history_window)[1]
+
+
+@torch.no_grad()
+def recommend_with_controls(model: SequentialRecommender, feats: Features, k: int = 10, per_user: int = 3,
+                            min_rank: int = 500, seed: int = 0, stage: str = "test", batch_size: int = 256,
+                            device: torch.device | str = "cpu", attribution: bool = True, history_top: int = 3,
+                            history_window: int = 50) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`recommend` and :func:`negative_controls` in one pass: the history removals of the attribution
+    depend on the user only, so both item sets share them (half the cost of two calls)."""
+    picks = [_top_k(k), _low_ranked(per_user, min_rank, seed, feats.num_items)]
+    top, low = _ranked_rows(model, feats, picks, stage, batch_size, device, attribution, history_top,
+                            history_window)
+    keep = low["rank"] > 0
+    return top, {key: (v[keep] if v is not None else None) for key, v in low.items()}
+
+
+_ROW_KEYS = ("user", "item", "rank", "score", "weights", "pref_contrib", "pref_share", "history_index",
+             "history_contrib")
+
+
+def _ranked_rows(model: SequentialRecommender, feats: Features, picks: list[Pick], stage: str, batch_size: int,
+                 device: torch.device | str, attribution: bool, history_top: int,
+                 history_window: int) -> list[dict[str, np.ndarray]]:
+    """For each ``pick(masked full scores [B, N + 1], split rows) -> (items [B, K], ranks [B, K])``: the rows of
+    the items it chooses per user, with their scores, alignment weights and (``attribution``) attributions, all
+    picks attributed in one call per batch."""
+    from lane_ray.models.attribution import attribute
+
     device = torch.device(device)
     model.eval()
-    U = feats.split.num_users
-    items, scores_out, weights_out = [], [], []
+    parts: list[dict[str, list[np.ndarray]]] = [{key: [] for key in _ROW_KEYS} for _ in picks]
     table = model.items.table()  # the same for every batch in eval mode
-    for _, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device):
+    for rows, hist, prefs, mask in _user_batches(model, feats, stage, batch_size, device):
         rep, w = model.user_vectors(hist, prefs, mask, table)
         scores = rep @ table.T
         scores[:, 0] = float("-inf")
         scores.scatter_(1, hist, float("-inf"))
-        top = scores.topk(min(k, feats.num_items), dim=1)
-        items.append(top.indices.cpu().numpy())
-        scores_out.append(top.values.cpu().numpy())
-        if w is not None:
-            weights_out.append(np.repeat(w.cpu().numpy()[:, None, :], top.indices.shape[1], 1))
-    idx = np.concatenate(items)
-    kk = idx.shape[1]
-    return {"user_id": np.repeat(feats.split.user_ids, kk), "item_id": feats.index.decode(idx.ravel()),
-            "rank": np.tile(np.arange(1, kk + 1), U), "score": np.concatenate(scores_out).ravel().astype(np.float64),
-            "preference_weights": np.concatenate(weights_out).reshape(U * kk, -1) if weights_out else None}
+        chosen = [pick(scores, rows) for pick in picks]
+        widths = [idx.shape[1] for idx, _ in chosen]
+        att = None
+        if attribution and sum(widths):
+            att = attribute(model, hist, torch.cat([idx for idx, _ in chosen], 1), prefs, mask, table, history_top,
+                            history_window)
+        start = 0
+        for part, (idx, ranks), kk in zip(parts, chosen, widths, strict=True):
+            cols = slice(start, start + kk)
+            start += kk
+            part["user"].append(np.repeat(rows, kk))
+            part["item"].append(idx.cpu().numpy().ravel())
+            part["rank"].append(ranks.cpu().numpy().ravel())
+            part["score"].append(scores.gather(1, idx).cpu().numpy().ravel())
+            if w is not None:
+                part["weights"].append(np.repeat(w.cpu().numpy(), kk, 0))
+            if att is not None:
+                n = len(rows) * kk
+                part["pref_contrib"].append(att.pref_contrib[:, cols].reshape(n, -1).cpu().numpy())
+                part["pref_share"].append(att.pref_share[:, cols].cpu().numpy().ravel())
+                part["history_index"].append(att.history_idx[:, cols].reshape(n, -1).cpu().numpy())
+                part["history_contrib"].append(att.history_contrib[:, cols].reshape(n, -1).cpu().numpy())
+    return [_rows_out(part, feats) for part in parts]
+
+
+def _rows_out(part: dict[str, list[np.ndarray]], feats: Features) -> dict[str, np.ndarray]:
+    def cat(key: str, empty: np.ndarray | None = None) -> np.ndarray | None:
+        return np.concatenate(part[key]) if part[key] else empty
+
+    user_rows = cat("user", np.zeros(0, np.int64))
+    idx = cat("item", np.zeros(0, np.int64))
+    return {"user_id": feats.split.user_ids[user_rows], "item_id": feats.index.decode(idx) if idx.size else idx,
+            "rank": cat("rank", np.zeros(0, np.int64)).astype(np.int64),  # type: ignore[union-attr]
+            "score": cat("score", np.zeros(0)).astype(np.float64),  # type: ignore[union-attr]
+            "preference_weights": cat("weights"), "pref_contrib": cat("pref_contrib"),
+            "pref_share": cat("pref_share"), "history_index": cat("history_index"),
+            "history_contrib": cat("history_contrib")}

@@ -76,6 +76,62 @@ def test_two_worker_ray_train_run_checkpoints_and_evaluates(ray_cluster, tiny_ru
     # sampled-100 ranks among 101 items, full among 60: a random model cannot do worse on sampled100 than full
     assert result["faithfulness"]["users"] == 40
     assert 0.0 <= result["faithfulness"]["top_hurts_more"] <= 1.0
+    check_candidates(model, feats, tiny_run)
+
+
+def check_candidates(model, feats, run: Path) -> None:
+    """candidates.parquet, controls.parquet and calibration.json of write_candidates against recomputation from
+    the checkpoint's model: one user's attributions by brute force (masking preferences, removing items)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from lane_ray.pipeline.train import write_candidates
+
+    assert write_candidates(model, feats, run / "candidates.parquet", k=5, history_top=2) == 40 * 5
+    cands = pq.read_table(run / "candidates.parquet")
+    for name, typ in (("pref_contrib", pa.list_(pa.float32())), ("pref_share", pa.float32()),
+                      ("history_item_ids", pa.list_(pa.int64())), ("history_contrib", pa.list_(pa.float32())),
+                      ("hit_rate", pa.float32())):
+        assert cands.schema.field(name).type == typ
+    calib = json.loads((run / "calibration.json").read_text())
+    assert calib["users"] == 40 and sum(calib["counts"]) == 40 and calib["bins"][-1][1] == 60
+    rates = dict(zip([tuple(b) for b in calib["bins"]], calib["rates"], strict=True))
+    row = cands.filter(pc.equal(cands["user_id"], int(feats.split.user_ids[0]))).to_pylist()
+    hist = torch.from_numpy(feats.histories(np.array([0]), "test", model.cfg.max_len))
+    prefs = torch.from_numpy(feats.prefs[:1])
+    mask = torch.from_numpy(feats.pref_mask[:1])
+    items = torch.from_numpy(feats.index.encode(np.array([r["item_id"] for r in row])))[None]
+    with torch.no_grad():
+        base = model.score(hist, items, prefs, mask)[0]
+        assert np.allclose([r["score"] for r in row], base.numpy(), atol=1e-5)
+        for k in range(3):
+            m2 = mask.clone()
+            m2[0, k] = False
+            want = (base - model.score(hist, items, prefs, m2)[0]).numpy()
+            assert np.allclose([r["pref_contrib"][k] for r in row], want, atol=1e-5)
+        share = (base - model.score(hist, items, prefs, torch.zeros_like(mask))[0]).numpy()
+        assert np.allclose([r["pref_share"] for r in row], share, atol=1e-5)
+        drops: dict[int, float] = {}  # the first candidate, every history item removed in turn
+        for p in range(hist.shape[1]):
+            if hist[0, p] > 0:
+                h2 = torch.cat([torch.zeros(1, dtype=hist.dtype), hist[0, :p], hist[0, p + 1:]])[None]
+                item = int(feats.index.decode(hist[0, p].numpy()))
+                drops[item] = max(drops.get(item, -np.inf), float(base[0] - model.score(h2, items, prefs, mask)[0, 0]))
+    best = sorted(drops.items(), key=lambda kv: -kv[1])[:2]
+    assert row[0]["history_item_ids"] == [i for i, _ in best]
+    assert np.allclose(row[0]["history_contrib"], [d for _, d in best], atol=1e-5)
+    assert all(r["hit_rate"] == pytest.approx(rates[(r["rank"], r["rank"])]) for r in row)
+    ctrl = pq.read_table(run / "controls.parquet")
+    assert ctrl.schema == cands.schema and ctrl.num_rows == 40 * 3
+    c = ctrl.filter(pc.equal(ctrl["user_id"], int(feats.split.user_ids[0]))).to_pylist()
+    with torch.no_grad():
+        full = model.full_scores(hist, prefs, mask)[0]
+    full[hist[0]] = float("-inf")
+    unseen = int(torch.isfinite(full).sum())
+    for r in c:  # the true rank, in the lower half of the user's unseen items (a catalogue under 1,000)
+        s = float(full[int(feats.index.encode(np.array([r["item_id"]]))[0])])
+        assert r["rank"] == int((full > s).sum()) + 1 and r["rank"] > unseen // 2
+        assert abs(r["score"] - s) < 1e-5 and len(r["pref_contrib"]) == 3
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_run):
