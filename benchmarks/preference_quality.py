@@ -47,7 +47,8 @@ Prints one JSON line: ``users, model, prompt_version, ladder, llm, ladder_in_ord
 ladder_steps, llm_beats_shuffled, llm_beats_genre_baseline, genre_agreement, counts`` plus settings and
 seconds; ``--out-json PATH`` also writes it. A missing input file fails with a one-line error naming it
 (exit 2). ``--write-stand-in`` writes ``RUN/preferences.parquet`` from the genre baseline instead (model
-``genre-baseline-stand-in``, no LLM; it never overwrites), to exercise the benchmark on fresh data.
+``genre-baseline-stand-in``, no LLM; it never overwrites), to exercise the benchmark on fresh data; the
+result then says ``llm_is_stand_in: true``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ from lane_ray.data.split import LeaveOneOutSplit
 from lane_ray.errors import DataError, LaneError
 from lane_ray.io import read_parquet
 from lane_ray.llm import quality as q
+
+# The model name --write-stand-in records: its preferences are the genre baseline, written without an LLM.
+STAND_IN_MODEL = "genre-baseline-stand-in"
 
 
 def _require(path: Path) -> Path:
@@ -199,9 +203,12 @@ def evaluate(run: Path, encoder: Any, others_per_user: int = 10, seed: int = 0, 
                                              dict(sorted(base_status.items()))))
     ladder = {name: results[name] for name in q.LADDER}
     chosen = [r for _, r in pick]
+    model = _most_common([prefs["model"][r].as_py() for r in chosen])
     return {
         "users": len(pick),
-        "model": _most_common([prefs["model"][r].as_py() for r in chosen]),
+        "model": model,
+        # preferences written by --write-stand-in: the "llm" entry then measures the genre baseline, not an LLM
+        "llm_is_stand_in": model == STAND_IN_MODEL,
         "prompt_version": _most_common([prefs["prompt_version"][r].as_py() for r in chosen]),
         "ladder": ladder,
         "llm": results["llm"],
@@ -232,9 +239,6 @@ def evaluate(run: Path, encoder: Any, others_per_user: int = 10, seed: int = 0, 
         "encode_seconds": round(encode_seconds, 2),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-
-
-STAND_IN_MODEL = "genre-baseline-stand-in"
 
 
 def write_stand_in(run: Path, m: int = 5, item_noun: str = "movies") -> Path:

@@ -305,7 +305,7 @@ def test_benchmark_ladder_values(tmp_path):
     assert r["ladder_in_order"] is False  # future_genres ties genre_baseline here: not strictly in order
     assert r["genre_agreement"] == {"llm": r["llm"]["genre_agreement"], "genre_baseline": 1.0}
     assert r["counts"]["future_items"] == 8 and r["counts"]["users_with_fewer_negatives"] == 4
-    assert (r["users"], r["model"], r["negatives_per_user"]) == (4, "m", 100)
+    assert (r["users"], r["model"], r["negatives_per_user"], r["llm_is_stand_in"]) == (4, "m", 100, False)
     assert set(r["ladder_steps"]) == {"future_genres-recent_titles", "recent_titles-genre_baseline",
                                       "genre_baseline-shuffled"}
 
