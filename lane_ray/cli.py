@@ -691,6 +691,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         extra = f"; faithfulness {f['top_hurts_more']:.3f} of {f['users']} users" if f and f["users"] else ""
         print(f"{key}: test ndcg@10 full {result['full']['ndcg@10']:.4f}, sampled100 "
               f"{result['sampled100']['ndcg@10']:.4f} ({result['eval_seconds']:.1f} s){extra}")
+    aligned = [(model, meta) for _, model, meta in loaded if model.cfg.align]
+    if aligned:  # lane explain's input, with attributions: the SASRec lane model's when it is among them
+        from lane_ray.pipeline.train import write_candidates
+
+        model, meta = min(aligned, key=lambda mm: (mm[1].get("variant") != "lane", mm[0].cfg.backbone != "sasrec"))
+        key = metrics_key(model.cfg.backbone, meta.get("variant") or "lane", int(meta.get("seed", 0)))
+        with Stage(f"candidates {key}", out, quiet=args.quiet) as st:
+            st.rows = write_candidates(model, feats, out / "candidates.parquet")
+        print(f"{out / 'candidates.parquet'}: {st.rows} candidates with attributions")
     return 0
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from lane_ray.io import write_parquet
@@ -77,14 +79,23 @@ def test_two_worker_ray_train_run_checkpoints_and_evaluates(ray_cluster, tiny_ru
     assert result["faithfulness"]["users"] == 40
     assert 0.0 <= result["faithfulness"]["top_hurts_more"] <= 1.0
     check_candidates(model, feats, tiny_run)
+    # lane evaluate rewrites them from the checkpoint (same model, same rows)
+    from lane_ray.cli import main
+
+    before = pq.read_table(tiny_run / "candidates.parquet")  # k = 5
+    (tiny_run / "candidates.parquet").unlink()
+    assert main(["evaluate", "--out", str(tiny_run), "--checkpoint", summary["checkpoint"], "-q"]) == 0
+    after = pq.read_table(tiny_run / "candidates.parquet")
+    assert after.num_rows == 40 * 10 and after.column_names == before.column_names
+    top5 = after.filter(pc.less_equal(after["rank"], 5))
+    assert top5["item_id"].to_pylist() == before["item_id"].to_pylist()
+    assert np.allclose(np.concatenate(top5["pref_contrib"].to_pylist()),
+                       np.concatenate(before["pref_contrib"].to_pylist()), atol=1e-6)
 
 
 def check_candidates(model, feats, run: Path) -> None:
     """candidates.parquet, controls.parquet and calibration.json of write_candidates against recomputation from
     the checkpoint's model: one user's attributions by brute force (masking preferences, removing items)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from lane_ray.pipeline.train import write_candidates
 
     assert write_candidates(model, feats, run / "candidates.parquet", k=5, history_top=2) == 40 * 5
