@@ -198,17 +198,28 @@ def attention_section(run: Path, out: Path, users: int = 10) -> list[str]:
 
 
 def checks_section(run: Path) -> list[str]:
+    """The explanation checks of ``explanation_checks.json``, each rate beside its chance level."""
     path = run / "explanation_checks.json"
-    lines = ["## Logic checks of the explanations", ""]
+    lines = ["## Do the explanations follow the model?", ""]
     if not path.exists():
-        return lines + _missing("logic-check rates", "lane explain")
+        return lines + _missing("explanation check rates", "lane explain")
     doc = json.loads(path.read_text())
     rates, passed, measured = doc.get("rates", {}), doc.get("passed", {}), doc.get("measured", {})
-    rows = [f"| {k} | {'-' if v is None else f'{v:.3f}'} | {passed.get(k, '-')} / {measured.get(k, '-')} |"
+    chance = doc.get("chance", {})
+
+    def num(v: Any) -> str:
+        return "-" if not isinstance(v, (int, float)) else f"{v:.3f}"
+
+    rows = [f"| {k} | {num(v)} | {num(chance.get(k))} | {passed.get(k, '-')} / {measured.get(k, '-')} |"
             for k, v in rates.items()]
     src = ", ".join(f"{k} {v}" for k, v in doc.get("source", {}).items())
-    return lines + [f"{doc.get('rows', 0)} explanations of {doc.get('users', 0)} users; source: {src or '-'}.", "",
-                    "| check | rate | passed / measured |", "|---|---|---|", *rows, ""]
+    head = (f"{doc.get('rows', 0)} explanations of {doc.get('users', 0)} users ({doc.get('mode', 'grounded')} mode); "
+            f"source: {src or '-'}; format_ok {doc.get('format_ok', '-')}; citing history items: "
+            f"{doc.get('cites_history', '-')}.")
+    note = [f"_{doc['likelihood_note']}_", ""] if doc.get("likelihood_note") else []
+    return lines + [head, "", *note, "| check | rate | chance | passed / measured |", "|---|---|---|---|", *rows,
+                    "", "unsupported_claims: lower is better (passed / measured = unsupported / all genre and decade "
+                    "words).", ""]
 
 
 def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -46,10 +46,11 @@ def run(tmp_path: Path) -> Path:
         "user_id": pa.array([1], pa.int64()), "item_id": pa.array([10], pa.int64()),
         "reason": ["Because you love tense thrillers."]}))
     (run / "explanation_checks.json").write_text(json.dumps({
-        "rows": 2, "users": 2, "source": {"llm": 1, "template": 1}, "rates": {"names_target": 0.5,
-                                                                            "top_weight_cited": None},
-        "passed": {"names_target": 1, "top_weight_cited": 0}, "measured": {"names_target": 2,
-                                                                         "top_weight_cited": 0}}))
+        "rows": 2, "users": 2, "mode": "grounded", "source": {"llm": 1, "template": 1}, "format_ok": 1,
+        "cites_history": 0, "rates": {"follows_attribution": 0.5, "cites_main": None},
+        "chance": {"follows_attribution": 0.16, "cites_main": 0.2},
+        "passed": {"follows_attribution": 1, "cites_main": 0}, "measured": {"follows_attribution": 2,
+                                                                          "cites_main": 0}}))
     return run
 
 
@@ -65,7 +66,7 @@ def test_report_numbers_come_from_the_artifacts_and_plots_open(run, capsys):
     for needle in ("0.0812", "0.0934", "0.4670", "0.667", "sasrec-lane-seed0 | 2 | 1 | 0.0777 | 1.75",
                    "embed_catalog | 12.50 | 812 | 2048 | 1682 | titles_per_s 134.6",
                    "| 1 | 10 | tense thrillers (0.70) | Because you love tense thrillers. |",
-                   "| 2 | 12 | space operas (0.75) | _not explained", "names_target | 0.500 | 1 / 2",
+                   "| 2 | 12 | space operas (0.75) | _not explained", "follows_attribution | 0.500 | 0.160 | 1 / 2",
                    "source: llm 1, template 1"):
         assert needle in text, needle
     for png in ("ablation.png", "curves.png", "timings.png", "attention.png"):
