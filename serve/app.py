@@ -102,7 +102,7 @@ class PreferenceExtractor:
 
 @serve.deployment(name="Explainer")
 class Explainer:
-    """The 4-step chain-of-thought explanation through the configured LLM backend."""
+    """Explanations that state the Ranker's attribution, through the configured LLM backend."""
 
     def __init__(self, cfg_json: str) -> None:
         self.core = ExplainerCore(_config(cfg_json))
@@ -284,7 +284,7 @@ def build_ingress(api: FastAPI) -> type:
             return res
 
         async def _explain(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            from lane_ray.llm.explain import compute_checks
+            from lane_ray.llm.explain_checks import compute_checks
 
             reason = None
             try:
@@ -304,7 +304,10 @@ def build_ingress(api: FastAPI) -> type:
                 out.append({"item_id": row["item_id"], "rank": row["rank"], "title": row["title"],
                             "steps": row["steps"], "likelihood": row["likelihood"], "reason": row["reason"],
                             "fit": row["fit"], "source": row["source"], "degraded_reason": degraded,
-                            "checks": chk})
+                            "checks": chk, "main_preference": row["main_preference"],
+                            "evidence_item_ids": row["evidence_item_ids"], "preferences": row["preferences"],
+                            "labels": row["labels"], "pref_contrib": row["pref_contrib"],
+                            "pref_share": row["pref_share"], "attribution": row["attribution"]})
             return out
 
         @api.post("/v1/recommend", response_model=RecommendResponse,
@@ -318,8 +321,9 @@ def build_ingress(api: FastAPI) -> type:
                          for n, (m, s) in enumerate(zip(res["meta"], res["scores"], strict=True))]
                 explanations = []
                 if body.explain and items:
+                    atts = res.get("attribution") or [None] * len(items)
                     reqs = [explain_request(who["user_id"], res["meta"][n], n + 1, res["scores"][n],
-                                            res["history_items"], who["preferences"], res["weights"])
+                                            res["history_items"], who["preferences"], res["weights"], atts[n])
                             for n in range(min(body.explain_top, len(items)))]
                     explanations = await self._explain(reqs)
             except RequestError as e:
@@ -340,7 +344,7 @@ def build_ingress(api: FastAPI) -> type:
                 res = await self._rank(body, 1, target_item=body.item_id, with_history=True)
                 who, t, meta = res["who"], res["target"], res["target_meta"]
                 req = explain_request(who["user_id"], meta, t["rank"], t["score"], res["history_items"],
-                                      who["preferences"], res["weights"])
+                                      who["preferences"], res["weights"], t.get("attribution"))
                 explanation = (await self._explain([req]))[0]
             except RequestError as e:
                 return _error(e.status, e.field, e.message)

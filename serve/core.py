@@ -435,7 +435,7 @@ class PreferenceCore:
 
 
 class ExplainerCore:
-    """The 4-step chain-of-thought explanation of ranked items through the configured LLM backend."""
+    """Explanations of ranked items that state the Ranker's attribution, through the configured LLM backend."""
 
     def __init__(self, cfg: Any, backend: Any = None) -> None:
         from lane_ray.llm import backend_kwargs, make_backend
@@ -457,25 +457,38 @@ class ExplainerCore:
 
 
 def explain_request(user_id: int | None, item: dict[str, Any], rank: int, score: float,
-                    history: list[dict[str, Any]], preferences: list[str], weights: list[float] | None
-                    ) -> dict[str, Any]:
-    """A plain-data explanation request (what travels between deployments)."""
-    w = list(weights) if weights is not None and len(weights) == len(preferences) else [1.0] * len(preferences)
+                    history: list[dict[str, Any]], preferences: list[str], weights: list[float] | None,
+                    attribution: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A plain-data explanation request (what travels between deployments). ``attribution`` is the Ranker's
+    entry for the item (``pref_contrib``, ``pref_share``, ``evidence``); without one the alignment weights
+    stand in for the contributions, flagged ``attribution="alignment weights"`` (no leave-one-out)."""
+    n = len(preferences)
+    if attribution is not None and len(attribution.get("pref_contrib") or []) == n:
+        contrib, share = [float(x) for x in attribution["pref_contrib"]], float(attribution["pref_share"])
+        evidence, source = list(attribution.get("evidence") or []), "model"
+    else:
+        w = list(weights) if weights is not None and len(weights) == n else [1.0] * n
+        contrib, share, evidence, source = [max(0.0, float(x)) for x in w], float(n > 0), [], "alignment weights"
     return {"user_id": -1 if user_id is None else int(user_id), "item": item, "rank": int(rank),
-            "score": float(score), "history": history, "preferences": list(preferences),
-            "weights": [max(0.0, float(x)) for x in w]}
+            "score": float(score), "history": history, "preferences": list(preferences), "pref_contrib": contrib,
+            "pref_share": share, "evidence": evidence, "attribution": source}
 
 
 def to_explain_request(r: dict[str, Any]) -> Any:
     from lane_ray.llm.explain import ExplainRequest
+    from lane_ray.llm.prompts import HistoryItem
 
     target = _history_items([r["item"]])[0]
+    ev = r.get("evidence") or []
     return ExplainRequest(r["user_id"], r["item"]["item_id"], r["rank"], r["score"], target,
-                          _history_items(r["history"]), r["preferences"], r["weights"])
+                          _history_items(r["history"]), r["preferences"], r["pref_contrib"], r["pref_share"],
+                          [int(h["item_id"]) for h in r["history"] if "item_id" in h],
+                          [int(e["item_id"]) for e in ev], [float(e["contrib"]) for e in ev],
+                          [HistoryItem(e.get("title") or "") for e in ev], None, r.get("attribution", "model"))
 
 
 def template_row(r: dict[str, Any], settings: Any) -> dict[str, Any]:
-    """The explanation built from the alignment weights alone (no LLM): the degraded answer."""
+    """The explanation that states the attribution alone (no LLM): the degraded answer."""
     from lane_ray.llm.explain import template_explanation
 
     return template_explanation(to_explain_request(r), settings).to_row()
