@@ -273,10 +273,29 @@ class PreferencesConfig(_LLMActors):
     min_slot_tokens: int = Field(2, ge=1, description="Free tokens a preference needs before it may end.")
     grounding: Literal["vocabulary", "free"] = Field(
         "vocabulary",
-        description="vocabulary: each preference opens with one of the dataset's genres or decades (enforced while "
-        "decoding; keeps a tiny model grounded); free: free text only (for larger models, or datasets without "
-        "attributes, where it is used automatically).",
+        description="vocabulary: each preference opens with one of the user's own history attributes (genres, "
+        "decades, other catalogue text columns; enforced while decoding; keeps a tiny model grounded); free: free "
+        "text only (for larger models, or datasets without attributes, where it is used automatically).",
     )
+    mode: Literal["generate", "score"] = Field(
+        "generate",
+        description="generate: constrained generation of each preference; score: candidate phrases (the user's "
+        "attributes x a fixed phrase bank) ranked by the LLM's log-probability given the history, calibrated as "
+        "PMI against an empty history, picked by MMR (needs grounding=vocabulary and a backend with score()).",
+    )
+    vocabulary_order: Literal["weighted", "lift", "support"] = Field(
+        "weighted",
+        description="Order of a user's attributes (strongest first): weighted = support x log2(1 + lift), lift = "
+        "the user's share over the catalogue's share, support = the user's item count.")
+    vocabulary_size: int = Field(
+        8, ge=1, le=64, description="Most attributes offered to one user's slots (never fewer than m when the "
+        "history has them).")
+    min_support: int = Field(
+        2, ge=1, description="Items of the user's history an attribute needs to be offered (below it only to "
+        "fill up to m).")
+    mmr_lambda: float = Field(
+        0.7, ge=0, le=1, description="score mode: MMR's weight of relevance (PMI) against token overlap with the "
+        "preferences already picked.")
     embed: bool = Field(True, description="Also embed the preference texts (preference_embeddings.parquet).")
     temperature: float = Field(0.3, ge=0, description="Sampling temperature of the first round (0 = greedy).")
     seed: int = Field(0, description="Sampling seed of the first round; retries add 1000 per round.")

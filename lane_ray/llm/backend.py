@@ -1,6 +1,7 @@
 """The LLM backend protocol: batched chat generation with sampling parameters and an optional output
-constraint. Implementations: ``transformers`` (CPU/GPU, HF directory or GGUF), ``vllm`` (GPU, Ray Data's
-``ray.data.llm``) and ``openai`` (any OpenAI-compatible server). Heavy imports stay inside them.
+constraint, and scoring (the log-probability of given continuations). Implementations: ``transformers``
+(CPU/GPU, HF directory or GGUF), ``vllm`` (GPU, Ray Data's ``ray.data.llm``) and ``openai`` (any
+OpenAI-compatible server). Heavy imports stay inside them.
 
 Constraints are backend-neutral :class:`Template` values: a sequence of fixed text, free JSON-string text
 and choices among fixed options. The ``transformers`` backend enforces one with a logits processor; vLLM
@@ -191,3 +192,10 @@ class LLMBackend(Protocol):
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
                  constraint: Constraint = None) -> list[Generation]: ...
+
+    def score(self, conversations: list[Messages], continuations: list[str], prefill: str = "") -> list[float]:
+        """One float per (conversation, continuation) pair, in input order: the sum of the natural-log
+        probabilities of the continuation's tokens after the rendered prompt (chat template with the assistant
+        header, then ``prefill``). Deterministic: no sampling. Backends that cannot score raise a
+        :class:`~lane_ray.errors.LaneError` saying why (e.g. a server that returns no prompt logprobs)."""
+        ...

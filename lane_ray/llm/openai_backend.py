@@ -22,6 +22,20 @@ problem. HTTP 429/500/502/503/504 and dropped connections are retried ``max_retr
 backoff (``Retry-After`` honoured up to 30 s); a refused connection, a timeout, another 4xx or a malformed
 body fails at once.
 
+Scoring (:meth:`OpenAIBackend.score`) uses the completions endpoint, ``<base>/completions``, one request per
+(conversation, continuation)::
+
+    {"model": ..., "prompt": "<rendered prompt><prefill><continuation>", "max_tokens": 1, "temperature": 0,
+     "echo": true, "logprobs": 1}
+
+The server echoes the prompt with ``choices[0].logprobs`` (``tokens``, ``token_logprobs``, ``text_offset``: the
+legacy completions format of vLLM, llama.cpp's server and our own); the score is the sum of the logprobs of
+the tokens that end after the rendered prompt and begin before the end of the continuation. The completions
+endpoint takes text, so the chat template is applied here: ChatML (``<|im_start|>role\ncontent<|im_end|>``,
+the template of SmolLM2 and Qwen) unless ``score_tokenizer`` names a local tokenizer (HF directory, .gguf or
+packaged name) whose template to use. A server without that endpoint or without prompt logprobs fails with an
+:class:`LLMServerError` that says so.
+
 Batch work through ``ray.data.llm`` (:func:`build_openai_http_processor`). Ray 2.60's
 ``HttpRequestProcessorConfig`` + ``build_processor`` POSTs any JSON payload, so it carries exactly the bodies
 above (:func:`chat_request_body`). What it does not do, and what to know before choosing it over an actor
@@ -188,6 +202,55 @@ def chat_request_body(model: str, messages: Messages, params: GenerationParams, 
     return body
 
 
+def completions_url(base_url: str | None) -> str:
+    """``<base>/completions`` for the same base URL as :func:`chat_completions_url`."""
+    chat = chat_completions_url(base_url)
+    return chat[: -len("/chat/completions")] + "/completions"
+
+
+def render_chatml(conversation: Messages, prefill: str = "") -> str:
+    """A conversation in ChatML with the assistant header open, then ``prefill``: what SmolLM2's and Qwen's
+    chat templates render for ``add_generation_prompt=True`` (without a default system prompt)."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conversation)
+    return f"{turns}<|im_start|>assistant\n{prefill}"
+
+
+def score_request_body(model: str, prompt: str, continuation: str) -> dict[str, Any]:
+    """The completions body that scores ``continuation`` after the rendered ``prompt`` (module docstring)."""
+    return {"model": model, "prompt": prompt + continuation, "max_tokens": 1, "temperature": 0.0, "echo": True,
+            "logprobs": 1}
+
+
+NO_PROMPT_LOGPROBS = ("does not return prompt logprobs (score() needs POST /completions with echo and logprobs, "
+                      "as vllm serve provides)")
+
+
+def parse_score_response(resp: Any, prompt_chars: int, total_chars: int, url: str) -> float:
+    """Sum of the logprobs of the echoed tokens overlapping characters ``[prompt_chars, total_chars)`` (the
+    continuation) of a completions response; :class:`LLMServerError` when it carries no prompt logprobs."""
+    if isinstance(resp, dict) and resp.get("error") is not None and resp.get("choices") is None:
+        raise LLMServerError(f"LLM server {url}: error response: {_excerpt(resp['error'])}")
+    try:
+        lp = resp["choices"][0]["logprobs"]
+        tokens, logprobs, offsets = lp["tokens"], lp["token_logprobs"], lp["text_offset"]
+        if not (isinstance(tokens, list) and isinstance(logprobs, list) and isinstance(offsets, list)):
+            raise TypeError("not lists")
+    except (KeyError, IndexError, TypeError):
+        raise LLMServerError(f"LLM server {url}: {NO_PROMPT_LOGPROBS}; got {_excerpt(resp)}") from None
+    if not tokens or len(tokens) != len(logprobs) or len(tokens) != len(offsets):
+        raise LLMServerError(f"LLM server {url}: {NO_PROMPT_LOGPROBS}; got {len(tokens)} tokens, "
+                             f"{len(logprobs)} logprobs, {len(offsets)} offsets")
+    if offsets[-1] + len(tokens[-1]) < total_chars:
+        raise LLMServerError(f"LLM server {url}: {NO_PROMPT_LOGPROBS}: the prompt was not echoed (echo=true)")
+    total = 0.0
+    for tok, lp_, off in zip(tokens, logprobs, offsets, strict=True):
+        if off + len(tok) > prompt_chars and off < total_chars:
+            if lp_ is None:
+                raise LLMServerError(f"LLM server {url}: {NO_PROMPT_LOGPROBS}: no logprob for token {tok!r}")
+            total += float(lp_)
+    return total
+
+
 def parse_chat_response(resp: Any, url: str) -> Generation:
     """A :class:`Generation` from a decoded chat-completions response; :class:`LLMServerError` when the
     response is an error object or lacks ``choices[0].message.content``."""
@@ -243,8 +306,11 @@ class OpenAIBackend:
 
     def __init__(self, model: str, base_url: str | None, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 120.0, max_concurrency: int = 8, constraint_mode: str = "both",
-                 max_retries: int = 3, retry_backoff_s: float = 0.5) -> None:
+                 max_retries: int = 3, retry_backoff_s: float = 0.5, score_tokenizer: str | None = None) -> None:
         self.url = chat_completions_url(base_url)
+        self.completions_url = completions_url(base_url)
+        self.score_tokenizer = score_tokenizer
+        self._tokenizer: Any = None
         if constraint_mode not in CONSTRAINT_MODES:
             raise ConfigError(f"constraint_mode '{constraint_mode}': choose from {', '.join(CONSTRAINT_MODES)}")
         if timeout_s <= 0 or max_concurrency < 1 or max_retries < 0:
@@ -284,55 +350,103 @@ class OpenAIBackend:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def render(self, conversation: Messages, prefill: str = "") -> str:
+        """The prompt text of :meth:`score`: ChatML, or ``score_tokenizer``'s chat template when set."""
+        if self.score_tokenizer is None:
+            return render_chatml(conversation, prefill)
+        if self._tokenizer is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from transformers import AutoTokenizer
+
+            from lane_ray.llm.transformers_backend import locate_llm
+
+            folder, gguf = locate_llm(self.score_tokenizer)
+            kw = {"gguf_file": gguf} if gguf else {}
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
+        text = self._tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return text + prefill
+
+    def score(self, conversations: list[Messages], continuations: list[str], prefill: str = "") -> list[float]:
+        """Continuation log-probabilities (see :meth:`LLMBackend.score`) from the server's echoed prompt
+        logprobs, ``max_concurrency`` requests in flight; an empty continuation scores 0.0 without a request."""
+        if len(conversations) != len(continuations):
+            raise ValueError(f"{len(conversations)} conversations for {len(continuations)} continuations")
+        jobs = []
+        for i, (c, cont) in enumerate(zip(conversations, continuations, strict=True)):
+            if cont:
+                prompt = self.render(c, prefill)
+                jobs.append((i, score_request_body(self.model, prompt, cont), len(prompt), len(prompt) + len(cont)))
+        out = [0.0] * len(conversations)
+        if not jobs:
+            return out
+
+        def one(job: tuple[int, dict[str, Any], int, int]) -> float:
+            _, body, lo, hi = job
+            try:
+                resp = self._post(json.dumps(body, ensure_ascii=False).encode(), self.completions_url)
+            except LLMServerError as e:
+                if any(f"HTTP {code}" in str(e) for code in (400, 404, 405, 422, 501)):
+                    raise LLMServerError(f"{e} (the server {NO_PROMPT_LOGPROBS})") from None
+                raise
+            return parse_score_response(resp, lo, hi, self.completions_url)
+
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(jobs)),
+                                thread_name_prefix="lane-openai-score") as pool:
+            for (i, *_), value in zip(jobs, pool.map(one, jobs), strict=True):
+                out[i] = value
+        return out
+
     def _complete(self, body: dict[str, Any]) -> Generation:
         return parse_chat_response(self._post(json.dumps(body, ensure_ascii=False).encode()), self.url)
 
-    def _post(self, data: bytes) -> Any:
-        """POST with retries; the decoded JSON response."""
+    def _post(self, data: bytes, url: str | None = None) -> Any:
+        """POST with retries (to ``url``, default the chat-completions URL); the decoded JSON response."""
+        url = url or self.url
         attempt = 0
         while True:
             retry_after: float | None = None
             try:
-                req = urllib.request.Request(self.url, data=data, headers=self.headers, method="POST")
+                req = urllib.request.Request(url, data=data, headers=self.headers, method="POST")
                 with self._opener.open(req, timeout=self.timeout_s) as resp:
                     raw = resp.read()
                 try:
                     return json.loads(raw)
                 except (ValueError, UnicodeDecodeError):
-                    raise LLMServerError(f"LLM server {self.url}: malformed response (not JSON): "
+                    raise LLMServerError(f"LLM server {url}: malformed response (not JSON): "
                                          f"{_excerpt(raw) or '(empty body)'}") from None
             except urllib.error.HTTPError as e:
                 raw = _read_quietly(e)
                 problem = f"HTTP {e.code}: {_error_body_excerpt(raw)}"
                 if e.code not in RETRY_STATUS:
-                    raise LLMServerError(f"LLM server {self.url}: {problem}") from None
+                    raise LLMServerError(f"LLM server {url}: {problem}") from None
                 retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
             except urllib.error.URLError as e:
                 reason = e.reason
                 if isinstance(reason, ConnectionRefusedError):
-                    raise LLMServerError(f"LLM server {self.url}: connection refused (is the server running? "
+                    raise LLMServerError(f"LLM server {url}: connection refused (is the server running? "
                                          "check llm.base_url)") from None
                 if isinstance(reason, TimeoutError):
-                    raise self._timeout_error() from None
+                    raise self._timeout_error(url) from None
                 if isinstance(reason, socket.gaierror):
-                    raise LLMServerError(f"LLM server {self.url}: cannot resolve host ({reason})") from None
+                    raise LLMServerError(f"LLM server {url}: cannot resolve host ({reason})") from None
                 if not isinstance(reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-                    raise LLMServerError(f"LLM server {self.url}: cannot connect ({reason})") from None
+                    raise LLMServerError(f"LLM server {url}: cannot connect ({reason})") from None
                 problem = f"connection dropped ({type(reason).__name__})"
             except TimeoutError:
-                raise self._timeout_error() from None
+                raise self._timeout_error(url) from None
             except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, RemoteDisconnected) as e:
                 problem = f"connection dropped ({type(e).__name__})"
             except (HTTPException, OSError) as e:
-                raise LLMServerError(f"LLM server {self.url}: {type(e).__name__}: {e}") from None
+                raise LLMServerError(f"LLM server {url}: {type(e).__name__}: {e}") from None
             if attempt >= self.max_retries:
-                raise LLMServerError(f"LLM server {self.url}: {problem} (after {attempt + 1} attempts)")
+                raise LLMServerError(f"LLM server {url}: {problem} (after {attempt + 1} attempts)")
             backoff = self.retry_backoff_s * 2**attempt * (1 + 0.25 * random.random())
             time.sleep(max(backoff, min(retry_after or 0.0, 30.0)))
             attempt += 1
 
-    def _timeout_error(self) -> LLMServerError:
-        return LLMServerError(f"LLM server {self.url}: no response within {self.timeout_s:g} s (llm.timeout_s)")
+    def _timeout_error(self, url: str | None = None) -> LLMServerError:
+        return LLMServerError(f"LLM server {url or self.url}: no response within {self.timeout_s:g} s "
+                              "(llm.timeout_s)")
 
 
 def _read_quietly(e: urllib.error.HTTPError) -> bytes:
@@ -408,6 +522,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["CONSTRAINT_MODES", "LLMServerError", "OpenAIBackend", "api_key_headers", "build_openai_http_processor",
-           "chat_completions_url", "chat_request_body", "parse_chat_response", "template_from_json",
-           "template_to_json"]
+__all__ = ["CONSTRAINT_MODES", "LLMServerError", "NO_PROMPT_LOGPROBS", "OpenAIBackend", "api_key_headers",
+           "build_openai_http_processor", "chat_completions_url", "chat_request_body", "completions_url",
+           "parse_chat_response", "parse_score_response", "render_chatml", "score_request_body",
+           "template_from_json", "template_to_json"]

@@ -17,6 +17,12 @@ ignored when ``lane_template`` is present and refused (400) without it: a regex 
 Unknown fields are ignored, as vLLM does. Bad requests get a 400 (404 for an unknown model) whose message
 names the field; no streaming.
 
+``POST /v1/completions`` scores prompts only (what :meth:`OpenAIBackend.score` sends): ``prompt`` (a string),
+``echo: true`` and ``logprobs`` (an integer >= 0) are required, ``max_tokens`` may be 0 or 1 and nothing is
+generated; the response echoes the prompt with ``logprobs.tokens``, ``token_logprobs`` (the first is null) and
+``text_offset`` in the legacy completions format, ``top_logprobs`` null. Other requests get a 400 naming the
+field; a backend without ``prompt_logprobs`` (the ``transformers`` backend has it) gets a 501.
+
 Batching: requests are queued; one worker takes everything queued (after waiting ``batch_wait_ms`` for
 stragglers), groups it by (sampling parameters, prefill, template) and runs each group, up to
 ``max_batch_size`` conversations, as one ``backend.generate`` call on a single generation thread, so the
@@ -168,6 +174,35 @@ def parse_chat_request(body: Any, served_model: str, max_tokens_limit: int = 409
     return messages, ChatJob(params, prefill, constraint)
 
 
+def parse_completion_request(body: Any, served_model: str, max_chars: int = 200_000) -> str:
+    """Validate a scoring completions body (see the module docstring); the prompt text. Raises
+    :class:`RequestError` naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("body", "must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != served_model:
+        raise RequestError("model", f"the model '{model}' does not exist (served: '{served_model}')", 404)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("prompt", "must be a non-empty string (one prompt per request)")
+    if len(prompt) > max_chars:
+        raise RequestError("prompt", f"longer than {max_chars} characters")
+    if body.get("echo") is not True:
+        raise RequestError("echo", "must be true: this server's /v1/completions scores prompts only "
+                           "(use /v1/chat/completions to generate)")
+    lp = body.get("logprobs")
+    if isinstance(lp, bool) or not isinstance(lp, int) or lp < 0:
+        raise RequestError("logprobs", "must be an integer >= 0 (the prompt's logprobs are what is returned)")
+    mt = body.get("max_tokens", 0)
+    if mt not in (0, 1) or isinstance(mt, bool):
+        raise RequestError("max_tokens", "must be 0 or 1: this server's /v1/completions generates nothing")
+    if body.get("stream"):
+        raise RequestError("stream", "streaming is not supported by this server")
+    return prompt
+
+
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """``text`` cut before the first stop string (OpenAI semantics: the stop string is not returned), and
     whether one was found."""
@@ -243,7 +278,8 @@ class Batcher:
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+            501: "NotImplementedError"}.get(status, "InternalServerError")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status)
 
@@ -310,6 +346,34 @@ def build_app(backend: LLMBackend, served_model: str, max_batch_size: int = 32, 
                          "finish_reason": finish, "logprobs": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": gen.new_tokens,
                       "total_tokens": prompt_tokens + gen.new_tokens},
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        if not authorized(request):
+            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authorization")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "field 'body': not valid JSON", "body")
+        try:
+            prompt = parse_completion_request(body, served_model)
+        except RequestError as e:
+            return _error(e.status, str(e), e.param)
+        fn: Callable[[str], Any] | None = getattr(backend, "prompt_logprobs", None)
+        if fn is None:
+            return _error(501, f"the {type(backend).__name__} backend cannot score prompts (no prompt_logprobs)")
+        try:  # on the generation thread: the model never runs twice at once
+            tokens, offsets, logprobs = await asyncio.get_running_loop().run_in_executor(batcher.executor, fn, prompt)
+        except Exception as e:
+            return _error(500, f"scoring failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": served_model,
+            "choices": [{"index": 0, "text": prompt, "finish_reason": "length",
+                         "logprobs": {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
+                                      "top_logprobs": None}}],
+            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)},
         }
 
     return app

@@ -1,5 +1,7 @@
 """``transformers`` backend: an HF model directory or a GGUF file, batched left-padded generation on CPU or
-GPU, with an optional :class:`Template` constraint enforced by a logits processor (:class:`TemplateProcessor`)."""
+GPU, with an optional :class:`Template` constraint enforced by a logits processor (:class:`TemplateProcessor`),
+and :meth:`TransformersBackend.score` (continuation log-probabilities, one prompt prefill shared by all the
+continuations of that prompt)."""
 
 from __future__ import annotations
 
@@ -346,6 +348,7 @@ class TransformersBackend:
         self.device = device
         self.model_id = llm_id(model)
         self.max_prompt_tokens = max_prompt_tokens
+        self.score_batch_size = 32  # continuations per forward pass in score()
         self._vocab: TokenVocabulary | None = None
 
     def count_tokens(self, text: str) -> int:
@@ -391,3 +394,81 @@ class TransformersBackend:
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
             results.append(Generation(text, n, "stop" if finished else "length"))
         return results
+
+    def score(self, conversations: list[Messages], continuations: list[str], prefill: str = "") -> list[float]:
+        """Sum of each continuation's token log-probabilities (natural log) after its rendered prompt
+        (:meth:`render` with ``prefill``), in input order (see :meth:`LLMBackend.score`).
+
+        The prompt and the continuation are tokenized separately and concatenated, so a continuation's tokens
+        do not depend on its prompt. Rows with the same prompt share one prefill: the prompt runs once, its KV
+        cache is copied to a batch of right-padded continuations (``score_batch_size`` per forward pass), and
+        padding never reaches a real token (causal attention, explicit positions). A prompt longer than
+        ``max_prompt_tokens`` keeps its end. An empty continuation scores 0.0."""
+        import copy
+
+        import torch
+
+        if len(conversations) != len(continuations):
+            raise ValueError(f"{len(conversations)} conversations for {len(continuations)} continuations")
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(conversations):
+            groups.setdefault(self.render(c, prefill), []).append(i)
+        out = [0.0] * len(conversations)
+        pad = self.tokenizer.pad_token_id
+        for prompt, rows in groups.items():
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-self.max_prompt_tokens:]
+            conts = [self.tokenizer.encode(continuations[r], add_special_tokens=False) for r in rows]
+            if not any(conts):
+                continue
+            p = len(ids)
+            with torch.inference_mode():
+                pre = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+                first = torch.log_softmax(pre.logits[0, -1].float(), dim=-1)  # [V]: the continuation's 1st token
+                for start in range(0, len(rows), self.score_batch_size):
+                    chunk = [(r, c) for r, c in zip(rows[start:start + self.score_batch_size],
+                                                    conts[start:start + self.score_batch_size], strict=True) if c]
+                    longest = max((len(c) for _, c in chunk), default=0)
+                    if longest == 0:
+                        continue
+                    n = len(chunk)
+                    for r, c in chunk:
+                        out[r] = float(first[c[0]])
+                    if longest == 1:
+                        continue
+                    inp = torch.full((n, longest - 1), pad, dtype=torch.long)  # [B, L-1]: all but the last token
+                    mask = torch.zeros((n, p + longest - 1), dtype=torch.long)  # [B, P + L-1]
+                    mask[:, :p] = 1
+                    for b, (_, c) in enumerate(chunk):
+                        inp[b, : len(c) - 1] = torch.tensor(c[:-1])
+                        mask[b, p: p + len(c) - 1] = 1
+                    cache = copy.deepcopy(pre.past_key_values)
+                    cache.batch_repeat_interleave(n)
+                    pos = torch.arange(p, p + longest - 1).expand(n, -1)
+                    logits = self.model(input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
+                                        position_ids=pos.to(self.device), past_key_values=cache,
+                                        use_cache=True).logits  # [B, L-1, V]: predicts tokens 2..L
+                    lp = torch.log_softmax(logits.float(), dim=-1)
+                    for b, (r, c) in enumerate(chunk):
+                        nxt = torch.tensor(c[1:], dtype=torch.long, device=lp.device)
+                        out[r] += float(lp[b, torch.arange(len(c) - 1, device=lp.device), nxt].sum())
+        return out
+
+    def prompt_logprobs(self, text: str) -> tuple[list[str], list[int], list[float | None]]:
+        """The tokens of ``text`` (no special tokens added), their character offsets and each token's
+        log-probability given the tokens before it (None for the first): what a completions endpoint echoes
+        with ``echo`` + ``logprobs`` (see :mod:`lane_ray.llm.openai_server`). Keeps the last
+        ``max_prompt_tokens`` tokens."""
+        import torch
+
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"][-self.max_prompt_tokens:]
+        spans = enc["offset_mapping"][-self.max_prompt_tokens:]
+        if not ids:
+            return [], [], []
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0]  # [T, V]
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            nxt = torch.tensor(ids[1:], dtype=torch.long, device=lp.device)
+            got = lp[torch.arange(len(ids) - 1, device=lp.device), nxt].tolist() if len(ids) > 1 else []
+        tokens = [text[a:b] for a, b in spans]
+        return tokens, [int(a) for a, _ in spans], [None, *got]

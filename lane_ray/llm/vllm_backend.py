@@ -20,6 +20,11 @@ dequantised to bfloat16) in a local cache. Constraints become a regular expressi
 outputs (``SamplingParams.structured_outputs = StructuredOutputsParams(regex=...)``, the field Ray 2.60's
 vLLM stage forwards).
 
+:meth:`VLLMBackend.score` is one Ray Data job too: each row is the prompt's token ids followed by the
+continuation's, sent with ``SamplingParams(prompt_logprobs=0, max_tokens=1)``; vLLM returns the log-probability
+of every prompt token (``prompt_logprobs``: per position ``None`` or ``{token_id: {"logprob": ...}}``), and the
+score is the sum over the continuation's positions (:func:`continuation_logprob`).
+
 Nothing here imports vllm, torch, transformers or ``ray.data.llm`` at module import.
 """
 
@@ -223,6 +228,79 @@ def collect_generations(rows: Sequence[dict[str, Any]], n: int) -> list[Generati
             for i in range(n)]
 
 
+# -------------------------------------------------------------------------------------------- scoring
+
+
+def score_sampling_params() -> dict[str, Any]:
+    """vLLM ``SamplingParams`` keyword arguments of a scoring row: greedy, one new token (vLLM needs at least
+    one), and the log-probability of every prompt token (``prompt_logprobs=0``: the actual token only)."""
+    return {"temperature": 0.0, "top_p": 1.0, "seed": 0, "max_tokens": 1, "prompt_logprobs": 0,
+            "skip_special_tokens": True, "stop": [], "structured_outputs": None}
+
+
+def build_score_rows(prompt_token_ids: Sequence[Sequence[int]], continuation_token_ids: Sequence[Sequence[int]],
+                     max_model_len: int) -> list[dict[str, Any]]:
+    """Input rows of a scoring job: ``idx``, ``tokenized_prompt`` (prompt then continuation ids), ``score_from``
+    (where the continuation starts) and ``sampling_params``. Rows with an empty continuation are left out
+    (they score 0.0). A row longer than ``max_model_len`` - 1 raises :class:`VLLMError`."""
+    if len(prompt_token_ids) != len(continuation_token_ids):
+        raise ValueError("one continuation per prompt")
+    rows = []
+    for i, (p, c) in enumerate(zip(prompt_token_ids, continuation_token_ids, strict=True)):
+        if not len(c):
+            continue
+        ids = [int(t) for t in p] + [int(t) for t in c]
+        if len(ids) + 1 > max_model_len:
+            raise VLLMError(f"conversation {i}: prompt + continuation of {len(ids)} tokens exceeds "
+                            f"llm.max_model_len={max_model_len}")
+        rows.append({"idx": i, "tokenized_prompt": ids, "score_from": len(p),
+                     "sampling_params": score_sampling_params(), "max_tokens": 1})
+    return rows
+
+
+def _logprob_of(entry: Any, token: int) -> float:
+    """The log-probability of ``token`` in one position's ``{token_id: {"logprob": ..}}`` (keys may have become
+    strings and values plain floats on the way through Arrow)."""
+    if entry is None:
+        raise VLLMError("vLLM returned no prompt logprob for a continuation token")
+    if not isinstance(entry, dict):
+        entry = dict(entry)
+    value = entry.get(token, entry.get(str(token)))
+    if value is None:
+        raise VLLMError(f"vLLM's prompt logprobs lack the prompt token {token}")
+    if isinstance(value, dict):
+        value = value["logprob"]
+    return float(getattr(value, "logprob", value))
+
+
+def continuation_logprob(prompt_logprobs: Sequence[Any], token_ids: Sequence[int], start: int) -> float:
+    """Sum of the log-probabilities of ``token_ids[start:]`` from vLLM's per-position ``prompt_logprobs``
+    (position 0 is ``None``: nothing predicts the first token)."""
+    if len(prompt_logprobs) < len(token_ids):
+        raise VLLMError(f"vLLM returned {len(prompt_logprobs)} prompt logprobs for {len(token_ids)} prompt tokens")
+    return sum(_logprob_of(prompt_logprobs[t], int(token_ids[t])) for t in range(max(1, start), len(token_ids)))
+
+
+def postprocess_score_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One scoring output row -> ``idx`` and ``score``."""
+    lps = row.get("prompt_logprobs")
+    if lps is None:
+        raise VLLMError("vLLM returned no prompt_logprobs (is the engine's max_logprobs >= 0?)")
+    ids = row.get("prompt_token_ids")
+    if ids is None:
+        ids = row["tokenized_prompt"]
+    return {"idx": int(row["idx"]), "score": continuation_logprob(list(lps), list(ids), int(row["score_from"]))}
+
+
+def collect_scores(rows: Sequence[dict[str, Any]], n: int) -> list[float]:
+    """Postprocessed scoring rows (any order) -> one float per input; inputs without a row (empty
+    continuations) score 0.0."""
+    out = [0.0] * n
+    for r in rows:
+        out[int(r["idx"])] = float(r["score"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------- processor
 
 
@@ -326,6 +404,7 @@ class VLLMBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=resolved.local)
         self.eos_ids = eos_token_ids(self.tokenizer.eos_token_id, Path(source) if resolved.local else None)
         self._processor: Any = None
+        self._score_processor: Any = None
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -343,6 +422,36 @@ class VLLMBackend:
             self._processor = build_processor(
                 config, postprocess=functools.partial(postprocess_row, eos_ids=self.eos_ids))
         return self._processor
+
+    def score_processor(self) -> Any:
+        """The ``ray.data.llm`` processor of :meth:`score` (its own postprocess), built once."""
+        if self._score_processor is None:
+            self.processor()  # initialises Ray and checks the GPUs
+            from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+            config = vLLMEngineProcessorConfig(**self.config_kwargs)
+            self._score_processor = build_processor(config, postprocess=postprocess_score_row)
+        return self._score_processor
+
+    def score(self, conversations: list[Messages], continuations: list[str], prefill: str = "") -> list[float]:
+        """Continuation log-probabilities (see :meth:`LLMBackend.score`) from vLLM's prompt logprobs, one Ray
+        Data job (one engine start) per call: call it with every pair at once. Prompt and continuation are
+        tokenized separately and concatenated, as the ``transformers`` backend does."""
+        n = len(conversations)
+        if n != len(continuations):
+            raise ValueError(f"{n} conversations for {len(continuations)} continuations")
+        if not n:
+            return []
+        import ray
+
+        texts = [render_prompt(self.tokenizer, c, prefill) for c in conversations]
+        prompt_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        cont_ids = [self.tokenizer.encode(c, add_special_tokens=False) if c else [] for c in continuations]
+        rows = build_score_rows(prompt_ids, cont_ids, self.max_model_len)
+        if not rows:
+            return [0.0] * n
+        ds = ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows), self.batch_size, self.replicas))
+        return collect_scores(self.score_processor()(ds).take_all(), n)
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
                  constraint: Constraint = None) -> list[Generation]:
@@ -369,7 +478,8 @@ class VLLMBackend:
         return collect_generations(processor(ds).take_all(), n)
 
 
-__all__ = ["INSTALL_HINT", "ResolvedModel", "VLLMBackend", "VLLMError", "build_rows", "check_cluster_gpus",
-           "check_vllm_installed", "collect_generations", "convert_gguf", "engine_kwargs", "eos_token_ids",
-           "model_id_for", "num_blocks", "postprocess_row", "processor_config_kwargs",
-           "render_prompt", "resolve_model", "sampling_params_dict"]
+__all__ = ["INSTALL_HINT", "ResolvedModel", "VLLMBackend", "VLLMError", "build_rows", "build_score_rows",
+           "check_cluster_gpus", "check_vllm_installed", "collect_generations", "collect_scores",
+           "continuation_logprob", "convert_gguf", "engine_kwargs", "eos_token_ids", "model_id_for", "num_blocks",
+           "postprocess_row", "postprocess_score_row", "processor_config_kwargs", "render_prompt", "resolve_model",
+           "sampling_params_dict", "score_sampling_params"]

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from lane_ray.data.split import LeaveOneOutSplit
 from lane_ray.io import read_parquet, write_json
-from lane_ray.llm.preferences import ExtractionSettings, UserHistory, attribute_vocabulary, extract_batch
+from lane_ray.llm.preferences import ExtractionSettings, UserHistory, catalogue_vocabulary, extract_batch
 from lane_ray.llm.prompts import HistoryItem
 from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
 from lane_ray.progress import NewEntries, RssSampler, expect, log
@@ -32,16 +32,28 @@ PREFERENCES_SCHEMA = pa.schema([
 ])
 
 
+# catalogue columns that are not grounding attributes (ids, the title itself, the years handled as decades)
+_NOT_ATTRIBUTES = {"item_id", "title", "genres", "year", "source_id"}
+
+
+def attribute_columns(catalog: pa.Table) -> list[str]:
+    """The catalogue's other text columns (beyond title, genres and year) whose values ground preferences."""
+    return [c for c in catalog.column_names
+            if c not in _NOT_ATTRIBUTES and pa.types.is_string(catalog.schema.field(c).type)]
+
+
 def user_histories(interactions: pa.Table, catalog: pa.Table, max_users: int | None = None) -> list[UserHistory]:
     """Train prefixes (never validation or test items) as prompt-ready histories, users in id order."""
     split = LeaveOneOutSplit.from_interactions(interactions)
     cols = catalog.column_names
+    extra_cols = [catalog[c].to_pylist() for c in attribute_columns(catalog)]
+    extras = list(zip(*extra_cols, strict=True)) if extra_cols else [()] * catalog.num_rows
     meta = {
-        int(i): (t, g, y)
-        for i, t, g, y in zip(
+        int(i): (t, g, y, tuple(x))
+        for i, t, g, y, x in zip(
             catalog["item_id"].to_pylist(), catalog["title"].to_pylist(),
             catalog["genres"].to_pylist() if "genres" in cols else [None] * catalog.num_rows,
-            catalog["year"].to_pylist() if "year" in cols else [None] * catalog.num_rows, strict=True,
+            catalog["year"].to_pylist() if "year" in cols else [None] * catalog.num_rows, extras, strict=True,
         )
     }
     n = split.num_users if max_users is None else min(max_users, split.num_users)
@@ -55,16 +67,22 @@ def user_histories(interactions: pa.Table, catalog: pa.Table, max_users: int | N
 
 def settings_from_config(pc: Any, catalog: pa.Table) -> ExtractionSettings:
     """:class:`ExtractionSettings` from the ``preferences`` config section; with ``grounding=vocabulary`` the
-    slot vocabulary is the catalogue's genres and decades (none where the catalogue has no attributes)."""
+    grounding vocabulary is the catalogue's genres, decades and other text-column values with at least 5
+    items, with their catalogue shares (none where the catalogue has no attributes: free decoding). Each
+    user's slots are then offered their own attributes (:func:`lane_ray.llm.preferences.user_vocabulary`)."""
     vocab: tuple[str, ...] = ()
+    shares: tuple[float, ...] = ()
     if pc.grounding == "vocabulary" and pc.with_attributes:
         cols = catalog.column_names
-        vocab = attribute_vocabulary(catalog["genres"].to_pylist() if "genres" in cols else [],
-                                     catalog["year"].to_pylist() if "year" in cols else [])
+        vocab, shares = catalogue_vocabulary(catalog["genres"].to_pylist() if "genres" in cols else [],
+                                             catalog["year"].to_pylist() if "year" in cols else [],
+                                             [catalog[c].to_pylist() for c in attribute_columns(catalog)])
     return ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
                               item_noun=pc.item_noun, max_retries=pc.max_retries, max_slot_tokens=pc.max_slot_tokens,
-                              min_slot_tokens=pc.min_slot_tokens, vocabulary=vocab, temperature=pc.temperature,
-                              seed=pc.seed, frequency_penalty=pc.frequency_penalty)
+                              min_slot_tokens=pc.min_slot_tokens, vocabulary=vocab, vocabulary_share=shares,
+                              vocabulary_order=pc.vocabulary_order, vocabulary_size=pc.vocabulary_size,
+                              min_support=pc.min_support, mode=pc.mode, mmr_lambda=pc.mmr_lambda,
+                              temperature=pc.temperature, seed=pc.seed, frequency_penalty=pc.frequency_penalty)
 
 
 def _keys(user_ids: np.ndarray, history_sha1: list[str], model: str | list[str],
@@ -97,7 +115,7 @@ class ExtractBatch:
         self.settings = ExtractionSettings(**settings)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        users = [UserHistory(int(u), [HistoryItem(*it) for it in json.loads(h)])
+        users = [UserHistory(int(u), [HistoryItem(t, g, y, tuple(x)) for t, g, y, x in json.loads(h)])
                  for u, h in zip(batch["user_id"].to_pylist(), batch["history"].to_pylist(), strict=True)]
         counter = getattr(self.backend, "count_tokens", None)
         results = extract_batch(users, self.backend, self.settings, counter)
@@ -135,7 +153,7 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
         if todo_users:
             table = pa.table({
                 "user_id": pa.array([u.user_id for u in todo_users], pa.int64()),
-                "history": pa.array([json.dumps([[it.title, it.genres, it.year] for it in u.items])
+                "history": pa.array([json.dumps([[it.title, it.genres, it.year, list(it.extra)] for it in u.items])
                                      for u in todo_users], pa.string()),
             })
             t1 = time.perf_counter()
@@ -202,6 +220,5 @@ def write_preference_texts(preferences: str | Path, out: str | Path) -> int:
     return table.num_rows
 
 
-__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "read_preferences", "run_preferences", "settings_from_config",
-           "user_histories",
-           "write_preference_texts"]
+__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "attribute_columns", "read_preferences", "run_preferences",
+           "settings_from_config", "user_histories", "write_preference_texts"]

@@ -69,10 +69,12 @@ class ScriptedBackend:
         self.outputs = list(outputs)
         self.calls = []
         self.constraints = []
+        self.conversations = []
 
     def generate(self, conversations, params, prefill="", constraint=None):
         self.calls.append((len(conversations), prefill, params.seed))
         self.constraints.append(constraint)
+        self.conversations.append(conversations)
         return [Generation(self.outputs.pop(0), 10) for _ in conversations]
 
 
@@ -97,21 +99,125 @@ def test_retry_fills_only_missing_slots_then_falls_back():
 
 
 def test_grounded_prompt_version_and_vocabulary():
-    from lane_ray.llm.preferences import attribute_vocabulary
+    from lane_ray.llm.preferences import attribute_vocabulary, catalogue_vocabulary
 
     vocab = attribute_vocabulary(["Drama|Crime", "Drama", "unknown", None], ["1995", "1972", None, "19xx"], 1)
     assert vocab == ("1970s", "1990s", "Crime", "Drama")
+    terms, shares = catalogue_vocabulary(["Drama|Crime", "Drama", "unknown", None], ["1995", "1972", None, "19xx"],
+                                         [["Pixar", None, "Pixar|A24", "A24"]], 1)
+    assert terms == ("1970s", "1990s", "A24", "Crime", "Drama", "Pixar")
+    assert shares == (0.25, 0.25, 0.5, 0.25, 0.5, 0.5)
     s = ExtractionSettings(vocabulary=vocab)
-    assert s.prompt_version.startswith("pref-v2+vocab-")
-    assert ExtractionSettings().prompt_version.startswith("pref-v2+free-")
+    assert s.prompt_version.startswith("pref-v3+vocab-")
+    assert ExtractionSettings().prompt_version.startswith("pref-v3+free-")
+    assert ExtractionSettings(vocabulary=vocab, mode="score").prompt_version.startswith("pref-v3+score-")
     # every setting that shapes the output changes the version, so cached preferences are recomputed
     versions = {ExtractionSettings(**kw).prompt_version for kw in
                 ({}, {"m": 4}, {"item_noun": "books"}, {"budget_tokens": 300}, {"temperature": 0.5}, {"seed": 1},
-                 {"frequency_penalty": 0.0}, {"max_retries": 1}, {"vocabulary": vocab})}
-    assert len(versions) == 9 and ExtractionSettings().prompt_version == ExtractionSettings().prompt_version
-    b = ScriptedBackend(['x"]}'])
-    extract_batch([UserHistory(1, HISTORY)], b, ExtractionSettings(m=1, max_retries=0, vocabulary=vocab))
-    assert b.constraints[0].segments[0].options == vocab  # every slot opens with a vocabulary choice
+                 {"frequency_penalty": 0.0}, {"max_retries": 1}, {"vocabulary": vocab},
+                 {"vocabulary": vocab, "vocabulary_share": (0.1, 0.5, 0.2, 0.4)}, {"vocabulary_order": "lift"},
+                 {"vocabulary_size": 4}, {"min_support": 1}, {"mmr_lambda": 0.5})}
+    assert len(versions) == 14 and ExtractionSettings().prompt_version == ExtractionSettings().prompt_version
+
+
+# A catalogue of 100 items: Drama on 40, Comedy on 30, Crime on 10, Film-Noir on 2, War on 10; 1990s on 70,
+# 1950s on 10. Shares are what a user's lift divides by.
+SHARES = {"Drama": 0.4, "Comedy": 0.3, "Crime": 0.1, "Film-Noir": 0.02, "War": 0.1, "1990s": 0.7, "1950s": 0.1}
+
+
+def grounded(**kw) -> ExtractionSettings:
+    return ExtractionSettings(vocabulary=tuple(SHARES), vocabulary_share=tuple(SHARES.values()), **kw)
+
+
+# ten items: Drama 6, Comedy 3, Crime 3, Film-Noir 2, War 1, 1990s 8, 1950s 2; "Musical" is not in the vocabulary
+USER = ([HistoryItem(f"d{k}", "Drama", "1995") for k in range(3)]
+        + [HistoryItem(f"dc{k}", "Drama|Crime", "1996") for k in range(3)]
+        + [HistoryItem(f"c{k}", "Comedy|Musical", "1994") for k in range(2)]
+        + [HistoryItem("n1", "Film-Noir|Comedy", "1950"), HistoryItem("n2", "Film-Noir|War", "1955")])
+
+
+def test_user_vocabulary_is_their_own_attributes_strongest_first():
+    from lane_ray.llm.preferences import user_vocabulary
+
+    vocab = user_vocabulary(USER, grounded(m=3))
+    by = {a.term: a for a in vocab}
+    assert by["Drama"].count == 6 and abs(by["Drama"].lift - 1.5) < 1e-9  # 6/10 over 0.4
+    assert abs(by["Film-Noir"].lift - 10.0) < 1e-9 and by["1990s"].count == 8
+    # support >= 2 only (War has 1, Musical is not a catalogue term); categories, then decades
+    # weighted, support x log2(1 + lift): Drama 6 x 1.32 = 7.9, Film-Noir 2 x 3.46 = 6.9, Crime 3 x 2 = 6,
+    # Comedy 3 x 1 = 3; 1990s 8 x 1.09 = 8.7, 1950s 2 x 1.58 = 3.2
+    assert [a.term for a in vocab] == ["Drama", "Film-Noir", "Crime", "Comedy", "1990s", "1950s"]
+    assert [a.term for a in user_vocabulary(USER, grounded(m=3, vocabulary_order="lift"))][:3] == \
+        ["Film-Noir", "Crime", "Drama"]
+    assert [a.term for a in user_vocabulary(USER, grounded(m=3, vocabulary_order="support"))][:3] == \
+        ["Drama", "Comedy", "Crime"]
+    # a cap keeps the strongest decade in the last place
+    assert [a.term for a in user_vocabulary(USER, grounded(m=3, vocabulary_size=3))] == ["Drama", "Film-Noir", "1990s"]
+    # fewer than m eligible: support-1 terms fill up to m (War), then the history-based fallback takes over
+    few = USER[:3] + [USER[-1]]
+    assert [a.term for a in user_vocabulary(few, grounded(m=3))] == ["Drama", "1990s", "Film-Noir"]
+    assert len(user_vocabulary(few, grounded(m=5))) == 5
+
+
+def test_each_user_gets_a_template_and_a_prompt_with_their_own_attributes():
+    b = ScriptedBackend(['Drama movies about" " family"]}', 'x"]}'])
+    users = [UserHistory(1, USER), UserHistory(2, USER[:6])]
+    extract_batch(users, b, grounded(m=1, max_retries=0))
+    rows = b.constraints[0]
+    assert isinstance(rows, list) and len(rows) == 2  # one template per conversation
+    assert rows[0].segments[0].options == ("Drama", "Film-Noir", "Crime", "Comedy", "1990s", "1950s")
+    assert rows[1].segments[0].options == ("Drama", "Crime", "1990s")
+    assert rows[0].segments[0].distinct
+    prompt = b.conversations[0][0][1]["content"]
+    assert "Drama (6), Film-Noir (2), Crime (3), Comedy (3), 1990s (8), 1950s (2)." in prompt
+    assert "War (" not in prompt and "Musical (" not in prompt
+
+
+def test_mmr_picks_distinct_terms_and_phrases_and_respects_accept():
+    from lane_ray.llm.preferences import mmr_select, token_overlap
+
+    assert token_overlap("about crime and justice", "about crime") == 0.5
+    cands = [("Drama", "p1", "Drama movies about crime"), ("Drama", "p2", "Drama movies about love"),
+             ("Crime", "p1", "Crime movies about crime"), ("Crime", "p2", "Crime movies about love"),
+             ("War", "p3", "War movies with tanks")]
+    scores = [5.0, 4.0, 4.5, 3.0, 0.0]
+    assert mmr_select(cands, scores, 3, lam=1.0) == [0, 3, 4]  # no term and no phrase twice
+    assert mmr_select(cands, scores, 5, lam=1.0) == [0, 3, 4]  # fewer than m when the rules leave too few
+    assert mmr_select(cands, scores, 2, lam=1.0, accept=lambda t, picked: "crime" not in t.lower()) == [1, 4]
+
+
+class ScoringBackend:
+    """Scores a continuation by how often its first word appears in the prompt's history block, minus a
+    length penalty (a stand-in with known answers: tests the score-mode orchestration, not a model)."""
+
+    model_id = "scoring"
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, conversations, continuations, prefill=""):
+        self.calls.append((len(conversations), prefill))
+        out = []
+        for c, text in zip(conversations, continuations, strict=True):
+            history = c[-1]["content"].split("</history>")[0]
+            out.append(history.count(text.split()[0]) - 0.01 * len(text))
+        return out
+
+
+def test_score_mode_ranks_by_pmi_with_one_call_and_gives_status_ok():
+    b = ScoringBackend()
+    users = [UserHistory(1, USER), UserHistory(2, USER[:3])]
+    r1, r2 = extract_batch(users, b, grounded(m=3, mode="score"))
+    assert len(b.calls) == 1 and b.calls[0][1] == '{"preferences": ["'  # one batched call, after the prefill
+    assert r1.status == "ok" and len(r1.preferences) == 3 and r1.new_tokens == 0
+    # "Drama" is in the history 6 times (1990s dates are "199x" strings, not "1990s"): the top PMI
+    assert r1.preferences[0].startswith("Drama movies ")
+    assert len({p.split(" movies ")[0] for p in r1.preferences}) == 3  # distinct attributes
+    assert len({p.split(" movies ", 1)[1] for p in r1.preferences}) == 3  # distinct phrases
+    assert json.loads(r1.raw)["picks"][0]["text"] == r1.preferences[0]
+    assert r2.status == "fallback" and len(r2.preferences) == 3  # one attribute (Drama), 1990s: too few
+    s = grounded(m=3, mode="score")
+    assert r1.history_sha1 == users[0].sha1(s.with_attributes)
 
 
 @given(st.text(max_size=200))
