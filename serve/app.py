@@ -317,8 +317,9 @@ def build_ingress(api: FastAPI) -> type:
                 self._check_limits(body)
                 res = await self._rank(body, body.k, with_history=body.explain)
                 who = res["who"]
-                items = [{"rank": n + 1, "item_id": m["item_id"], "title": m["title"], "score": s}
-                         for n, (m, s) in enumerate(zip(res["meta"], res["scores"], strict=True))]
+                attribution = res.get("attribution") or [{}] * len(res["meta"])
+                items = [{"rank": n + 1, "item_id": m["item_id"], "title": m["title"], "score": s, **a}
+                         for n, (m, s, a) in enumerate(zip(res["meta"], res["scores"], attribution, strict=True))]
                 explanations = []
                 if body.explain and items:
                     atts = res.get("attribution") or [None] * len(items)
@@ -349,7 +350,8 @@ def build_ingress(api: FastAPI) -> type:
             except RequestError as e:
                 return _error(e.status, e.field, e.message)
             return {"user_id": who["user_id"], "history": who["matches"],
-                    "item": {"rank": t["rank"], "item_id": body.item_id, "title": meta["title"], "score": t["score"]},
+                    "item": {"rank": t["rank"], "item_id": body.item_id, "title": meta["title"], "score": t["score"],
+                             **t.get("attribution", {})},
                     "preferences": who["preferences"], "preference_weights": res["weights"],
                     "explanation": explanation}
 

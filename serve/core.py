@@ -133,7 +133,8 @@ class RankerCore:
     def __init__(self, run_dir: str | Path, checkpoint: str = "lane",
                  encoder_model: str = "all-MiniLM-L6-v2",
                  threads: int | None = 1, title_min_similarity: float = 0.6, ann_index: str | None = None,
-                 ann_ef_search: int = 128, ann_nprobe: int = 32, ann_margin: int = 50) -> None:
+                 ann_ef_search: int = 128, ann_nprobe: int = 32, ann_margin: int = 50, attribution: bool = True,
+                 attribution_top: int = 3, attribution_window: int = 20) -> None:
         import torch
 
         from lane_ray.data import read_prepared
@@ -174,6 +175,11 @@ class RankerCore:
             if self.ann.meta["items"] != len(index):
                 raise DataError(f"the ANN index holds {self.ann.meta['items']} items, the catalogue {len(index)}",
                                 file=path / "index.json")
+        # item-level attribution of the returned items: the evidence items come from removing each of the
+        # `attribution_window` most recent history items, one backbone pass each (20 keeps a query's cost near
+        # that of ranking it; lane evaluate's candidates use 50)
+        self.attribution, self.attribution_top = attribution, attribution_top
+        self.attribution_window = attribution_window
         self.encoder_model = encoder_model
         self.title_min_similarity = title_min_similarity
         self._encoder: Any = None
@@ -252,7 +258,9 @@ class RankerCore:
 
     def score(self, queries: list[RankQuery]) -> list[dict[str, Any]]:
         """Top-k of each query in one forward pass: items (dense), scores, alignment weights over the query's
-        preferences, and the target's rank and score when asked. Seen items are never returned."""
+        preferences, and the target's rank and score when asked. Seen items are never returned. With attribution
+        on, ``attribution`` holds one :meth:`_attributions` entry per returned item (and the target's under
+        ``target``), computed for those items only, from the same backbone states."""
         import torch
 
         from lane_ray.data.split import pad_left
@@ -272,9 +280,10 @@ class RankerCore:
                     mk[b, :len(q.prefs)] = True
             prefs, mask = torch.from_numpy(p), torch.from_numpy(mk)
         with torch.no_grad():
-            rep, w = self.model.user_vectors(hist, prefs, mask, self.table)
+            last = self.model.backbone_states(self.model.scoring_inputs(hist), self.table)[:, -1:]  # [B, 1, H]
+            rep, w = self.model.user_head(last, prefs, mask, self.table)
             if self.ann is not None and all(q.target is None for q in queries):
-                return self._approximate(queries, rep, w)
+                return self._approximate(queries, rep, w, (hist, prefs, mask, last))
             scores = rep @ self.table.T
         scores[:, 0] = float("-inf")
         targets = []
@@ -297,10 +306,47 @@ class RankerCore:
             n_pref = 0 if q.prefs is None else len(q.prefs)
             out.append({"items": top_idx[b][:k], "scores": top_val[b][:k],
                         "weights": None if w is None or not n_pref else w[b, :n_pref].tolist(), "target": targets[b]})
+        self._attach_attributions(queries, out, (hist, prefs, mask, last))
         return out
 
-    def _approximate(self, queries: list[RankQuery], rep: Any, w: Any) -> list[dict[str, Any]]:
-        """Top-k among the ANN index's candidates, rescored exactly (the same dot products), seen items removed."""
+    def _attach_attributions(self, queries: list[RankQuery], out: list[dict[str, Any]], state: tuple) -> None:
+        """Add ``attribution`` (one entry per returned item, plus ``target`` for a target) to each result, all
+        queries in one :func:`~lane_ray.models.attribute` call over the items they return."""
+        if not self.attribution:
+            return
+        import torch
+
+        from lane_ray.models.attribution import attribute
+
+        hist, prefs, mask, last = state
+        width = max([len(o["items"]) + (q.target is not None) for q, o in zip(queries, out, strict=True)] + [0])
+        if width == 0:
+            return
+        cand = torch.zeros(len(queries), width, dtype=torch.long)  # padding columns score item 0, never read
+        for b, (q, o) in enumerate(zip(queries, out, strict=True)):
+            row = list(o["items"]) + ([q.target] if q.target is not None else [])
+            cand[b, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        att = attribute(self.model, hist, cand, prefs, mask, self.table, self.attribution_top,
+                        self.attribution_window, last=last)
+        for b, (q, o) in enumerate(zip(queries, out, strict=True)):
+            n_pref = 0 if q.prefs is None else len(q.prefs)
+            entries = [self._attribution_entry(att, b, c, n_pref) for c in range(len(o["items"]))]
+            o["attribution"] = entries
+            if q.target is not None:
+                o["target"] = {**(o["target"] or {}), "attribution": self._attribution_entry(att, b, len(entries),
+                                                                                             n_pref)}
+
+    def _attribution_entry(self, att: Any, b: int, c: int, n_pref: int) -> dict[str, Any]:
+        """``{"pref_contrib": [n_pref], "pref_share", "evidence": [{item_id, title, contrib}]}`` of one item."""
+        idx, val = att.history_idx[b, c].tolist(), att.history_contrib[b, c].tolist()
+        evidence = [{"item_id": int(self.catalogue.item_ids[d - 1]), "title": self.catalogue.titles[d - 1],
+                     "contrib": float(v)} for d, v in zip(idx, val, strict=True) if d > 0]
+        return {"pref_contrib": [float(x) for x in att.pref_contrib[b, c, :n_pref].tolist()],
+                "pref_share": float(att.pref_share[b, c]), "evidence": evidence}
+
+    def _approximate(self, queries: list[RankQuery], rep: Any, w: Any, state: tuple) -> list[dict[str, Any]]:
+        """Top-k among the ANN index's candidates, rescored exactly (the same dot products), seen items removed;
+        ``state`` (history, prefs, mask, last backbone state) is what the attributions of the returned items reuse."""
         import torch
 
         N = len(self.index)
@@ -319,6 +365,7 @@ class RankerCore:
             n_pref = 0 if q.prefs is None else len(q.prefs)
             out.append({"items": cand[b][best].tolist(), "scores": scores[b][best].tolist(),
                         "weights": None if w is None or not n_pref else w[b, :n_pref].tolist(), "target": None})
+        self._attach_attributions(queries, out, state)
         return out
 
     def serve(self, queries: list[ServeQuery]) -> list[dict[str, Any]]:

@@ -55,11 +55,28 @@ class HistoryMatch(BaseModel):
     similarity: float | None = Field(None, description="Cosine similarity of a `nearest` title match.")
 
 
+class EvidenceItem(BaseModel):
+    item_id: int = Field(..., description="A history item (catalogue id).")
+    title: str = Field(..., description="Its title.")
+    contrib: float = Field(..., description="The item's score minus its score with this history item removed "
+                           "from the sequence: how much the recommendation rests on it (> 0: it supports it).")
+
+
 class RankedItem(BaseModel):
     rank: int = Field(..., description="1 = best.")
     item_id: int = Field(..., description="Catalogue item id.")
     title: str = Field(..., description="Catalogue title.")
     score: float = Field(..., description="Dot product of the user representation and the item vector.")
+    pref_contrib: list[float] | None = Field(
+        None, description="Item-level attribution, per preference (in `preferences` order): the score minus the "
+        "score with that preference left out (exact leave-one-out). Empty when ranked without preferences; absent "
+        "when the Ranker computes no attributions.")
+    pref_share: float | None = Field(
+        None, description="The score minus the score with no preference at all: the part of the score the "
+        "preferences carry (0 without preferences or for a model without alignment).")
+    evidence: list[EvidenceItem] | None = Field(
+        None, description="The history items whose removal lowers this item's score most (of the most recent "
+        "ones), largest drop first.")
 
 
 class ExplanationOut(BaseModel):

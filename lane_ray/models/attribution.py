@@ -70,7 +70,8 @@ def _removed(history: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attribute(model: SequentialRecommender, history: torch.Tensor, items: torch.Tensor,
               prefs: torch.Tensor | None = None, pref_mask: torch.Tensor | None = None,
-              table: torch.Tensor | None = None, history_top: int = 3, history_window: int = 50) -> Attribution:
+              table: torch.Tensor | None = None, history_top: int = 3, history_window: int = 50,
+              last: torch.Tensor | None = None) -> Attribution:
     """Attributions of the candidates ``items [B, C]`` (dense indices) after the left-padded ``history [B, L]``.
 
     ``prefs [B, m, D]`` / ``pref_mask [B, m]`` as for :meth:`SequentialRecommender.score` (required by aligned
@@ -78,28 +79,30 @@ def attribute(model: SequentialRecommender, history: torch.Tensor, items: torch.
     many history items to return per pair; ``history_window`` (W): removals are tried for the W most recent history
     items only, which costs B * W backbone passes. The window never reaches past what the model reads: the last
     ``max_len`` columns (BERT4Rec: ``max_len - 1`` and never the first column, which its mask token displaces).
-    Runs in eval mode, restoring the model's mode after.
+    ``last [B, 1, H]``: the history's last backbone state, when the caller has computed it already (a ranker that
+    scored the catalogue with it). Runs in eval mode, restoring the model's mode after.
     """
     if history_top < 0 or history_window < 0:
         raise ValueError("history_top and history_window must be >= 0")
     was_training = model.training
     model.eval()
     try:
-        return _attribute(model, history, items, prefs, pref_mask, table, history_top, history_window)
+        return _attribute(model, history, items, prefs, pref_mask, table, history_top, history_window, last)
     finally:
         model.train(was_training)
 
 
 def _attribute(model: SequentialRecommender, history: torch.Tensor, items: torch.Tensor, prefs: torch.Tensor | None,
                pref_mask: torch.Tensor | None, table: torch.Tensor | None, history_top: int,
-               history_window: int) -> Attribution:
+               history_window: int, last: torch.Tensor | None) -> Attribution:
     table = model.items.table() if table is None else table
     B, C = items.shape
     # the model reads at most the last max_len columns (BERT4Rec: max_len - 1 and its mask token); one more column
     # is what a removal can pull into that window, so wider histories are cut there without changing a score
     history = history[:, -(model.cfg.max_len + 1):]
     item_vecs = table[items]  # [B, C, H]
-    last = model.backbone_states(model.scoring_inputs(history), table)[:, -1:]  # [B, 1, H], computed once
+    if last is None:  # [B, 1, H], computed once
+        last = model.backbone_states(model.scoring_inputs(history), table)[:, -1:]
 
     aligned = model.align is not None
     if aligned:

@@ -109,6 +109,10 @@ def test_recommend_known_user(live, serving_run):
     assert r["preferences"] == PREFERENCES and r["preference_source"] == "stored"
     assert len(r["preference_weights"]) == 3 and abs(sum(r["preference_weights"]) - 1) < 1e-4
     assert r["explanations"] == []
+    for it in r["items"]:  # each item's attribution (values checked against recomputation in test_serve_core)
+        assert len(it["pref_contrib"]) == 3 and isinstance(it["pref_share"], float)
+        assert 1 <= len(it["evidence"]) <= 3 and {"item_id", "title", "contrib"} == set(it["evidence"][0])
+        assert {e["item_id"] for e in it["evidence"]} <= set(_user_history(serving_run, 1))
 
 
 def test_recommend_raw_history_extracts_preferences_once(live, serving_run):
@@ -139,12 +143,15 @@ def test_recommend_with_explanation_and_explain_endpoint(live):
     if e["source"] == "template":  # the 135M model's reply did not parse: said so, never silently
         assert "parse" in e["degraded_reason"]
     else:
-        assert e["degraded_reason"] is None and len(e["fit"]) == 3 and e["checks"]["format_ok"] is not None
+        assert e["degraded_reason"] is None and e["fit"] == [] and e["checks"]["format_ok"] is not None
+        assert len(e["pref_contrib"]) == 3 and e["main_preference"] in ("", *e["preferences"])
     target = r["items"][2]["item_id"]
     status, x = call(live, "/v1/explain", {"user_id": 2, "item_id": target})
     assert status == 200, x
     assert x["item"]["item_id"] == target and x["item"]["rank"] == 3
     assert abs(x["item"]["score"] - r["items"][2]["score"]) < 1e-4
+    assert all(abs(a - b) < 1e-4 for a, b in zip(x["item"]["pref_contrib"], r["items"][2]["pref_contrib"],
+                                                 strict=True))
     assert len(x["explanation"]["steps"]) == 4 and x["explanation"]["rank"] == 3
 
 
@@ -257,7 +264,7 @@ def test_llm_failure_degrades_to_template_and_no_preferences(broken):
     assert status == 200, r
     assert [e["source"] for e in r["explanations"]] == ["template", "template"]
     assert all(e["degraded_reason"].startswith("the LLM failed") for e in r["explanations"])
-    assert PREFERENCES[0] in r["explanations"][0]["steps"][0]  # built from the alignment weights
+    assert PREFERENCES[0] in r["explanations"][0]["steps"][0]  # states the attribution
     status, r = call(broken, "/v1/recommend", {"history": [1, 2, 3], "k": 2}, headers=KEY)
     assert status == 200 and r["preference_source"] == "none" and r["preferences"] == []
     assert r["preference_note"].startswith("preference extraction failed") and len(r["items"]) == 2
@@ -460,8 +467,12 @@ def test_web_page_in_headless_chromium(broken):
         assert len(bars) == len(PREFERENCES)
         assert sum(float(b.get_attribute("style").split("width:")[1].split("%")[0]) for b in bars) == \
             pytest.approx(100, abs=1)
+        # per item, its attribution: a bar per preference, the preference share, the evidence items
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#items .attr")) == 5
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#items .attr .bar")) == 5 * len(PREFERENCES)
+        assert "preference share" in driver.find_element(By.ID, "items").text
         steps = driver.find_elements(By.CSS_SELECTOR, "#explanations ol.steps li")
-        assert len(steps) == 4 and steps[0].text.startswith("Why")
+        assert len(steps) == 4 and steps[0].text.startswith("Attribution")
         assert "template" in driver.find_element(By.ID, "explanations").text  # the LLM of this app fails
         # a bad input shows the API's message naming the field
         driver.find_element(By.CSS_SELECTOR, 'input[name="who"][value="history"]').click()

@@ -112,3 +112,39 @@ def test_serve_batch_resolves_users_and_isolates_errors(core):
     assert out[2]["error"]["field"] == "item_id" and out[2]["error"]["status"] == 404
     assert [m["item_id"] for m in out[3]["meta"]] == core.index.decode(np.array(out[3]["items"])).tolist()
     assert not {1, 2} & set(out[3]["items"])
+
+
+def test_ranked_items_carry_their_attribution(core):
+    from lane_ray.data.split import pad_left
+    from serve.core import RankQuery
+
+    u = core.user(int(core.split.user_ids[2]))
+    target = u.history[-1]
+    res = core.score([RankQuery(u.history, 4, u.prefs, target=target), RankQuery(u.history[:3], 2, None)])
+    att = res[0]["attribution"]
+    assert len(att) == 4 and all(len(a["pref_contrib"]) == len(PREFERENCES) for a in att)
+    # against recomputation: the score without preference k, without any, without an evidence item
+    L = core.model.cfg.max_len
+    hist = torch.from_numpy(pad_left([np.asarray(u.history[-L:])], L))
+    prefs, mask = torch.from_numpy(u.prefs[None]), torch.ones(1, len(PREFERENCES), dtype=torch.bool)
+    items = torch.tensor([res[0]["items"]])
+    with torch.no_grad():
+        base = core.model.score(hist, items, prefs, mask)[0]
+        for k in range(len(PREFERENCES)):
+            m2 = mask.clone()
+            m2[0, k] = False
+            want = base - core.model.score(hist, items, prefs, m2)[0]
+            assert np.allclose([a["pref_contrib"][k] for a in att], want.numpy(), atol=1e-5)
+        share = base - core.model.score(hist, items, prefs, torch.zeros_like(mask))[0]
+        assert np.allclose([a["pref_share"] for a in att], share.numpy(), atol=1e-5)
+        ev = att[0]["evidence"]
+        assert 1 <= len(ev) <= 3 and [e["contrib"] for e in ev] == sorted((e["contrib"] for e in ev), reverse=True)
+        d = core.catalogue.dense(ev[0]["item_id"])
+        assert d in u.history[-core.attribution_window:] and ev[0]["title"] == core.catalogue.titles[d - 1]
+        p = max(i for i, x in enumerate(hist[0].tolist()) if x == d)
+        h2 = torch.cat([torch.zeros(1, dtype=hist.dtype), hist[0, :p], hist[0, p + 1:]])[None]
+        assert abs(ev[0]["contrib"] - float(base[0] - core.model.score(h2, items, prefs, mask)[0, 0])) < 1e-5
+    assert set(res[0]["target"]) == {"rank", "score", "attribution"}
+    assert len(res[0]["target"]["attribution"]["pref_contrib"]) == len(PREFERENCES)
+    # ranked without preferences: nothing to attribute to them
+    assert all(a["pref_contrib"] == [] and a["pref_share"] == 0.0 for a in res[1]["attribution"])

@@ -32,6 +32,8 @@ def test_ann_core_matches_exact_top_k(serving_run, kind, tmp_path):
     for q, e, a in zip(queries, exact.score(queries), approx.score(queries), strict=True):
         assert a["items"] == e["items"] and np.allclose(a["scores"], e["scores"], atol=1e-5)
         assert len(a["items"]) == 10 and not set(a["items"]) & set(q.history)
+        for x, y in zip(a["attribution"], e["attribution"], strict=True):  # the same attribution on both paths
+            assert np.allclose(x["pref_contrib"], y["pref_contrib"], atol=1e-5) and x["evidence"] == y["evidence"]
     # a target asks for an exact rank: the exact path answers it
     q = RankQuery(queries[0].history, 3, queries[0].prefs, target=5)
     assert approx.score([q])[0]["target"] == exact.score([q])[0]["target"]
