@@ -466,6 +466,10 @@ class ServeConfig(_Section):
     ann_ef_search: int = Field(128, ge=1, description="HNSW index: candidates explored per query (recall vs speed).")
     ann_nprobe: int = Field(32, ge=1, description="IVF index: inverted lists scanned per query (recall vs speed).")
     ann_margin: int = Field(50, ge=0, description="Extra ANN candidates fetched beyond k + the history's length.")
+    attribution_window: int = Field(
+        20, ge=0, description="Ranked items' evidence: the most recent history items tried by removal, one backbone "
+        "pass each (about 0.7 ms per item per query on one CPU thread at H=64, max_len=50); 0 = no evidence items "
+        "(the per-preference attribution is always computed).")
     explainer_replicas: int = Field(1, ge=1, description="Explainer replicas (each loads the LLM backend); the "
                                     "minimum when autoscaling.")
     explainer_max_replicas: int | None = Field(

@@ -61,7 +61,8 @@ class Ranker:
         cfg = _config(cfg_json)
         s = cfg.serve
         self.core = RankerCore(run_dir, s.checkpoint, cfg.embed.model, s.ranker_threads or 1, s.title_min_similarity,
-                               s.ann_index, s.ann_ef_search, s.ann_nprobe, s.ann_margin)
+                               s.ann_index, s.ann_ef_search, s.ann_nprobe, s.ann_margin,
+                               attribution_window=s.attribution_window)
         self.rank.set_max_batch_size(s.ranker_max_batch_size)
         self.rank.set_batch_wait_timeout_s(s.ranker_batch_wait_s)
 
