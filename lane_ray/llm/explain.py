@@ -283,6 +283,8 @@ def reason_head(req: ExplainRequest, p: Plan) -> str:
     title = _title(req.target.title)
     if p.history_mode:
         item = p.evidence[0][1] if p.evidence else (p.options[0][1] if p.options else "your history")
+        if not req.preferences:
+            return f"{title} follows from {item} in your history: "
         return f"{title} follows from {item} in your history, not from your stated preferences: "
     return f"{title} suits your taste for {clean_text(req.preferences[p.main_index], 80)}: "
 
@@ -398,8 +400,13 @@ def _steps(req: ExplainRequest, p: Plan, because: str, evidence: str, likelihood
                        f"({req.pref_contrib[k]:+.2f})" for k in p.order)
     share = f"preference share {req.pref_share:+.2f} of score {req.score:.2f}"
     cite = "history items" if p.history_mode else f"main preference {prefs[p.main_index]}"
+    if prefs:
+        attribution = f"Attribution ({req.attribution}): {ranked}; {share}; the explanation cites {cite}."
+    else:
+        attribution = ("Attribution: no preferences are known for this person; the recommender used their "
+                       "history only, and the explanation cites history items.")
     return [
-        f"Attribution ({req.attribution}): {ranked}; {share}; the explanation cites {cite}.",
+        attribution,
         f"Evidence: {evidence}" + (f" because {because}" if because else ""),
         f"Likelihood: {likelihood} (recommender rank #{req.rank}"
         + (f", validation hit rate {req.hit_rate:.3f})" if p.likelihood_source == "hit_rate" else ")"),
