@@ -94,33 +94,61 @@ def _list(v: Any, path: Path, row: int, name: str, conv: Callable[..., Any], emp
     return [conv(x, path, row, name) for x in v]
 
 
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The JSON objects of a JSON-lines file and their 1-based line numbers (blank lines skipped)."""
+    rows, lines = [], []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"not valid JSON ({exc.msg})", file=path, row=n) from None
+            if not isinstance(obj, dict):
+                raise DataError("expected a JSON object", file=path, row=n)
+            rows.append(obj)
+            lines.append(n)
+    return rows, lines
+
+
 def read_candidates(path: str | Path) -> list[dict[str, Any]]:
-    """Validated candidate rows of a Parquet file or directory: integer ``user_id`` and ``item_id``, ``rank >= 1``
+    """Validated candidate rows of a Parquet file or directory, or a JSON-lines file (``.jsonl``, ``.json``,
+    ``.ndjson``, one object per line with the same fields): integer ``user_id`` and ``item_id``, ``rank >= 1``
     unique per user, a finite ``score``, ``pref_contrib`` a non-empty list of finite numbers, a finite
     ``pref_share``, ``history_item_ids`` integers and ``history_contrib`` finite numbers of the same length,
-    and, when the column exists, ``hit_rate`` in [0, 1] or null. Each row keeps ``_row`` (1-based) for error
-    messages. Bad input raises a one-line DataError naming file, row and field."""
+    and, when the column exists, ``hit_rate`` in [0, 1] or null. Each row keeps ``_row`` (1-based row, or
+    line of a JSON-lines file) for error messages. Bad input raises a one-line DataError naming file, row
+    and field."""
     path = Path(path)
     if not path.exists():
         raise DataError("candidates file not found", file=path)
-    if not (path.is_dir() or path.suffix == ".parquet"):
-        raise DataError("unknown candidates format: use .parquet (a file or a directory of parts)", file=path)
-    table = read_parquet(path)
-    missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
-    if missing:
-        hint = " (written by `lane evaluate` with the attribution)" if "pref_contrib" in missing else ""
-        raise DataError(f"missing column{hint}; found: {', '.join(table.column_names)}", file=path,
-                        field=missing[0])
-    names = [c for c in (*CANDIDATE_COLUMNS, *OPTIONAL_COLUMNS) if c in table.column_names]
-    cols = {c: table[c].to_pylist() for c in names}
-    if not table.num_rows:
+    if path.is_dir() or path.suffix == ".parquet":
+        table = read_parquet(path)
+        missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
+        if missing:
+            hint = " (written by `lane evaluate` with the attribution)" if "pref_contrib" in missing else ""
+            raise DataError(f"missing column{hint}; found: {', '.join(table.column_names)}", file=path,
+                            field=missing[0])
+        names = [c for c in (*CANDIDATE_COLUMNS, *OPTIONAL_COLUMNS) if c in table.column_names]
+        cols = {c: table[c].to_pylist() for c in names}
+        raw = [{c: cols[c][j] for c in names} for j in range(table.num_rows)]
+        numbers = list(range(1, table.num_rows + 1))
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        raw, numbers = _read_jsonl(path)
+        for r, n in zip(raw, numbers, strict=True):
+            for c in CANDIDATE_COLUMNS:
+                if c not in r:
+                    raise DataError("missing field", file=path, row=n, field=c)
+    else:
+        raise DataError("unknown candidates format: use .parquet (a file or a directory of parts) or .jsonl",
+                        file=path)
+    if not raw:
         raise DataError("no candidate rows", file=path)
     out = []
     seen_item: dict[tuple[int, int], int] = {}
     seen_rank: dict[tuple[int, int], int] = {}
-    for j in range(table.num_rows):
-        n = j + 1
-        r = {c: cols[c][j] for c in names}
+    for r, n in zip(raw, numbers, strict=True):
         u = _int(r["user_id"], path, n, "user_id")
         i = _int(r["item_id"], path, n, "item_id")
         k = _int(r["rank"], path, n, "rank", minimum=1)

@@ -333,6 +333,23 @@ def test_bad_candidates_fail_with_one_line(capsys, tmp_path, prepared_run, chang
     assert len(err.splitlines()) == 1 and message in err and "candidates.parquet" in err, err
 
 
+def test_json_lines_candidates_read_like_parquet(tmp_path):
+    lines = tmp_path / "c.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in GOOD) + "\n\n")
+    as_parquet = read_candidates(write_candidates(tmp_path / "c.parquet", GOOD))
+    as_lines = read_candidates(lines)
+    assert [r["_row"] for r in as_lines] == [1, 2, 3]
+    strip = [{k: (pytest.approx(v) if isinstance(v, (float, list)) else v) for k, v in r.items()} for r in as_lines]
+    assert as_parquet == strip
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps({k: v for k, v in GOOD[1].items() if k != "pref_share"}))
+    with pytest.raises(DataError, match="row 2: field 'pref_share': missing field"):
+        read_candidates(bad)
+    bad.write_text(json.dumps(GOOD[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match="row 2: not valid JSON"):
+        read_candidates(bad)
+
+
 def test_missing_attribution_column_names_it(tmp_path, prepared_run):
     rows = [{k: v for k, v in r.items() if k != "pref_share"} for r in GOOD]
     with pytest.raises(DataError, match="field 'pref_share': missing column"):
