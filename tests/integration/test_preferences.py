@@ -21,9 +21,10 @@ from lane_ray.llm.preferences import (
     SLOT_CHARS,
     ExtractionSettings,
     UserHistory,
-    attribute_vocabulary,
+    catalogue_vocabulary,
     extract_batch,
     fallback_preferences,
+    user_vocabulary,
 )
 from lane_ray.llm.prompts import (
     PREFERENCE_PREFILL,
@@ -65,11 +66,12 @@ CATALOG = [
     HistoryItem("Casablanca (1942)", "Drama|Romance|War", "1942"),
     HistoryItem("Titanic (1997)", "Action|Drama|Romance", "1997"),
 ]
-VOCABULARY = attribute_vocabulary([it.genres for it in CATALOG], [it.year for it in CATALOG], min_items=3)
+VOCABULARY, SHARES = catalogue_vocabulary([it.genres for it in CATALOG], [it.year for it in CATALOG], min_items=3)
 
 
 def settings(**kw) -> ExtractionSettings:
-    return ExtractionSettings(**{"m": M, "max_retries": 1, "vocabulary": VOCABULARY, **kw})
+    return ExtractionSettings(**{"m": M, "max_retries": 1, "vocabulary": VOCABULARY, "vocabulary_share": SHARES,
+                                 **kw})
 
 
 def raw_attempts(raw: str) -> list[str]:
@@ -88,15 +90,16 @@ def assert_valid_result(r, user: UserHistory, s: ExtractionSettings) -> None:
     assert 1 <= len(attempts) <= s.max_retries + 1
     if r.status == "ok":
         assert len(attempts) == 1 and not r.rejected, r
+    own = [a.term for a in user_vocabulary(user.items, s)] if s.vocabulary else []
     for a in attempts:  # constrained decoding: every attempt is the JSON shape with exactly m strings
         slots = json.loads(a)["preferences"]
         assert len(slots) == s.m and all(isinstance(x, str) and x for x in slots), a
-        if s.vocabulary:
-            assert all(any(x.startswith(f"{v} {s.item_noun} ") for v in s.vocabulary) for x in slots), a
+        if s.vocabulary:  # each opens with one of the user's own attributes
+            assert all(any(x.startswith(f"{v} {s.item_noun} ") for v in own) for x in slots), (a, own)
     if s.vocabulary:
         # LLM slots open with a vocabulary term; under "fallback" the others are the fallback's own phrases
         fallback = set(fallback_preferences(user.items, 40, [], s.item_noun))
-        grounded = [any(p.startswith(f"{v} {s.item_noun} ") for v in s.vocabulary) for p in r.preferences]
+        grounded = [any(p.startswith(f"{v} {s.item_noun} ") for v in own) for p in r.preferences]
         if r.status == "fallback":
             assert all(g or p in fallback for g, p in zip(grounded, r.preferences, strict=True)), r.preferences
         else:
@@ -211,6 +214,48 @@ def test_extract_batch_on_ml100k_like_users(llm):
     for r, u in zip(results, users, strict=True):
         assert_valid_result(r, u, s)
     print("statuses:", [r.status for r in results], "preferences:", [r.preferences for r in results])
+
+
+def test_score_is_a_continuation_log_probability_batched_or_not(llm):
+    import torch
+
+    conv = [{"role": "user", "content": "Name a famous science fiction movie set in space."}]
+    other = [{"role": "user", "content": "What do you put on toast?"}]
+    conts = [" Star Wars", " the tax form of a banana", " butter", "", " Alien"]
+    convs = [conv, conv, other, conv, conv]
+    batched = llm.score(convs, conts, prefill="A:")
+    single = [llm.score([c], [t], prefill="A:")[0] for c, t in zip(convs, conts, strict=True)]
+    assert batched == pytest.approx(single, abs=1e-3)  # rows of one prompt share its prefill; padding is inert
+    assert batched[3] == 0.0 and all(x < 0 for i, x in enumerate(batched) if i != 3)
+    assert batched[0] > batched[1] + 5 and batched[4] > batched[1] + 5  # a fitting answer is far likelier
+    assert llm.score([other], [" butter"], prefill="A:")[0] > llm.score([conv], [" butter"], prefill="A:")[0]
+    # the same number as one full forward pass over prompt + continuation (bf16: small differences)
+    p = llm.tokenizer.encode(llm.render(conv, "A:"), add_special_tokens=False)
+    x = llm.tokenizer.encode(" Star Wars", add_special_tokens=False)
+    with torch.inference_mode():
+        lp = llm.model(input_ids=torch.tensor([p + x])).logits[0].float().log_softmax(-1)
+    full = sum(float(lp[len(p) - 1 + i, x[i]]) for i in range(len(x)))
+    assert batched[0] == pytest.approx(full, abs=0.15)
+    tokens, offsets, logprobs = llm.prompt_logprobs("The cat sat")  # what the server's /v1/completions echoes
+    assert "".join(tokens) == "The cat sat" and offsets[0] == 0 and logprobs[0] is None
+    assert all(v < 0 for v in logprobs[1:]) and len(tokens) == len(offsets) == len(logprobs)
+
+
+def test_score_mode_picks_grounded_distinct_preferences(llm):
+    users = [UserHistory(1, CATALOG[:7]), UserHistory(2, [CATALOG[11], CATALOG[13], CATALOG[14], CATALOG[1]])]
+    s = settings(mode="score", vocabulary_size=3)
+    assert s.prompt_version.startswith(PREFERENCE_PROMPT_VERSION + "+score-")
+    results = extract_batch(users, llm, s, llm.count_tokens)
+    for r, u in zip(results, users, strict=True):
+        own = [a.term for a in user_vocabulary(u.items, s)]
+        assert r.status == "ok" and len(r.preferences) == M and r.new_tokens == 0, r
+        terms = [p.split(f" {s.item_noun} ")[0] for p in r.preferences]
+        assert set(terms) <= set(own) and len(set(terms)) == M  # the user's own attributes, each once
+        picks = json.loads(r.raw)["picks"]
+        assert [p["text"] for p in picks] == r.preferences and all(isinstance(p["pmi"], float) for p in picks)
+    # the first pick has the highest PMI of all candidates (MMR's first step is relevance alone)
+    assert picks[0]["pmi"] == max(p["pmi"] for p in picks)
+    print("score mode:", [r.preferences for r in results])
 
 
 def test_extract_batch_free_grounding(llm):

@@ -358,3 +358,81 @@ def test_dropped_connections_are_retried(scripted):
         backend(url, max_retries=1).generate([CONV], PARAMS)
     assert_one_line(e.value, url, "connection dropped", "after 2 attempts")
     assert len(script.requests) == 2
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def echoed(text: str, pieces: list[str], logprobs: list[float | None]) -> dict[str, Any]:
+    """A completions response echoing ``text`` split into ``pieces`` (legacy logprobs format)."""
+    assert "".join(pieces) == text
+    offsets = [sum(len(p) for p in pieces[:k]) for k in range(len(pieces))]
+    return {"object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": {
+        "tokens": pieces, "token_logprobs": logprobs, "text_offset": offsets, "top_logprobs": None}}]}
+
+
+def test_score_body_chatml_and_response_parsing():
+    from lane_ray.llm.openai_backend import (
+        completions_url,
+        parse_score_response,
+        render_chatml,
+        score_request_body,
+    )
+
+    assert completions_url("http://h:1/v1/") == "http://h:1/v1/completions"
+    assert completions_url("http://h:1/v1/chat/completions") == "http://h:1/v1/completions"
+    prompt = render_chatml(CONV, "[")
+    assert prompt == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n["
+    body = score_request_body("m", "P:", " yes")
+    assert body == {"model": "m", "prompt": "P: yes", "max_tokens": 1, "temperature": 0.0, "echo": True,
+                    "logprobs": 1}
+    # tokens ending after the prompt and starting before its end count, a token straddling the boundary too
+    resp = echoed("P: yes", ["P", ":", " y", "es"], [None, -1.0, -0.5, -0.25])
+    assert parse_score_response(resp, 2, 6, "u") == -0.75
+    assert parse_score_response(echoed("P: yes", ["P", ": y", "es"], [None, -1.0, -0.25]), 3, 6, "u") == -1.25
+    # a generated token after the echo is not part of the score
+    resp["choices"][0]["logprobs"]["tokens"].append("!")
+    resp["choices"][0]["logprobs"]["token_logprobs"].append(-9.0)
+    resp["choices"][0]["logprobs"]["text_offset"].append(6)
+    assert parse_score_response(resp, 2, 6, "u") == -0.75
+    for bad in ({"choices": [{"text": "x", "logprobs": None}]}, {"choices": [{"text": "x"}]},
+                echoed("P", ["P"], [None])):  # the last: the prompt was not echoed
+        with pytest.raises(LLMServerError, match="does not return prompt logprobs"):
+            parse_score_response(bad, 2, 6, "u")
+
+
+def test_score_against_a_server_with_and_without_logprobs(scripted):
+    from lane_ray.llm.openai_backend import render_chatml
+
+    def respond(n, body, headers):
+        text = body["prompt"]
+        cut = len(text) - len(" yes")
+        return 200, json.dumps(echoed(text, [text[:cut], " y", "es"], [None, -0.5, -0.25])).encode(), {}, 0.0
+
+    url, script = scripted(respond)
+    b = backend(url)
+    assert b.score([CONV, CONV, CONV], [" yes", "", " yes"], prefill="[") == [-0.75, 0.0, -0.75]
+    assert len(script.requests) == 2  # the empty continuation scored 0.0 without a request
+    body = script.requests[0][0]
+    assert body["prompt"] == render_chatml(CONV, "[") + " yes" and body["echo"] is True
+    # a chat-only server: the error says what score() needs
+    url2, _ = scripted(lambda n, body, headers: (404, b'{"detail": "Not Found"}', {}, 0.0))
+    with pytest.raises(LLMServerError, match=r"HTTP 404.*does not return prompt logprobs") as e:
+        backend(url2).score([CONV], [" yes"])
+    assert "/v1/completions" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="1 conversations for 2 continuations"):
+        b.score([CONV], ["a", "b"])
+
+
+def test_server_validates_scoring_requests():
+    from lane_ray.llm.openai_server import parse_completion_request
+
+    good = {"model": "m", "prompt": "hello", "echo": True, "logprobs": 1, "max_tokens": 1}
+    assert parse_completion_request(good, "m") == "hello"
+    assert parse_completion_request({**good, "prompt": ["hi"], "max_tokens": 0}, "m") == "hi"
+    for change, name, status in (({"echo": False}, "echo", 400), ({"logprobs": None}, "logprobs", 400),
+                                 ({"max_tokens": 16}, "max_tokens", 400), ({"prompt": ""}, "prompt", 400),
+                                 ({"model": "other"}, "model", 404)):
+        with pytest.raises(RequestError) as e:
+            parse_completion_request({**good, **change}, "m")
+        assert e.value.param == name and e.value.status == status and f"field '{name}'" in str(e.value)

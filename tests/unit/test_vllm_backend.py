@@ -253,3 +253,40 @@ def test_config_reaches_the_vllm_constructor():
     cfg = load_config(None, ["llm.backend=vllm", "llm.enforce_eager=true", "llm.replicas=2"], {})
     kw = backend_kwargs(cfg.llm)
     assert kw["enforce_eager"] is True and kw["replicas"] == 2 and kw["model"] == cfg.llm.model
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def test_score_rows_and_sampling_params():
+    from lane_ray.llm.vllm_backend import build_score_rows, score_sampling_params
+
+    sp = score_sampling_params()
+    assert sp["prompt_logprobs"] == 0 and sp["max_tokens"] == 1 and sp["temperature"] == 0.0
+    rows = build_score_rows([[1, 2, 3], [4], [5, 6]], [[7, 8], [], [9]], max_model_len=16)
+    assert [r["idx"] for r in rows] == [0, 2]  # the empty continuation needs no request
+    assert rows[0]["tokenized_prompt"] == [1, 2, 3, 7, 8] and rows[0]["score_from"] == 3
+    assert rows[1]["tokenized_prompt"] == [5, 6, 9] and rows[1]["score_from"] == 2
+    with pytest.raises(VLLMError, match="conversation 0: prompt \\+ continuation of 5 tokens exceeds"):
+        build_score_rows([[1, 2, 3]], [[7, 8]], max_model_len=5)
+
+
+def test_continuation_logprob_from_prompt_logprobs():
+    from lane_ray.llm.vllm_backend import collect_scores, continuation_logprob, postprocess_score_row
+
+    # as the engine stage returns them: None first, then {token_id: {"logprob", "rank", "decoded_token"}};
+    # prompt_logprobs=0 may still add the top token beside the actual one
+    lps = [None, {2: {"logprob": -1.0, "rank": 1}}, {3: {"logprob": -0.5, "rank": 2}, 9: {"logprob": -0.1}},
+           {7: {"logprob": -2.0}}, {8: {"logprob": -0.25}}]
+    ids = [1, 2, 3, 7, 8]
+    assert continuation_logprob(lps, ids, 3) == -2.25
+    assert continuation_logprob(lps, ids, 0) == -3.75  # position 0 has nothing to score
+    # through Arrow the keys may come back as strings and a value as a bare float
+    assert continuation_logprob([None, {"2": -1.0}, {"3": {"logprob": -0.5}}], [1, 2, 3], 1) == -1.5
+    with pytest.raises(VLLMError, match="lack the prompt token 3"):
+        continuation_logprob([None, {2: -1.0}, {4: -0.5}], [1, 2, 3], 1)
+    row = {"idx": 2, "prompt_logprobs": lps, "prompt_token_ids": ids, "score_from": 3, "tokenized_prompt": ids}
+    assert postprocess_score_row(row) == {"idx": 2, "score": -2.25}
+    with pytest.raises(VLLMError, match="no prompt_logprobs"):
+        postprocess_score_row({**row, "prompt_logprobs": None})
+    assert collect_scores([{"idx": 2, "score": -2.25}, {"idx": 0, "score": -1.0}], 3) == [-1.0, 0.0, -2.25]
