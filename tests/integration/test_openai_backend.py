@@ -172,6 +172,20 @@ def test_preference_extraction_through_the_server(llm):
         assert r.status in ("ok", "repaired", "fallback") and r.raw
 
 
+def test_score_through_the_completions_endpoint(llm):
+    conv = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name a famous science fiction movie set in space."}]
+    got = llm.score([conv, conv, conv], [" Star Wars", " the tax form of a banana", ""], prefill="A:")
+    assert got[2] == 0.0 and got[0] < 0 and got[0] > got[1] + 5  # a fitting answer is far likelier
+    assert llm.score([conv], [" Star Wars"], prefill="A:") == [got[0]]  # deterministic
+    # the same number as the in-process backend (its template renders the same ChatML text for SmolLM2)
+    from lane_ray.llm.transformers_backend import TransformersBackend
+
+    local = TransformersBackend(MODEL, num_threads=1)
+    assert local.render(conv, "A:") == llm.render(conv, "A:")
+    assert got[0] == pytest.approx(local.score([conv], [" Star Wars"], prefill="A:")[0], abs=0.15)
+
+
 def test_ray_data_http_processor(live, ray_cluster):
     import ray
 
