@@ -284,15 +284,24 @@ class PreferencesConfig(_LLMActors):
         "PMI against an empty history, picked by MMR (needs grounding=vocabulary and a backend with score()).",
     )
     vocabulary_order: Literal["weighted", "lift", "support"] = Field(
-        "weighted",
-        description="Order of a user's attributes (strongest first): weighted = support x log2(1 + lift), lift = "
-        "the user's share over the catalogue's share, support = the user's item count.")
+        "support",
+        description="Order of a user's attributes (strongest first): support = the user's item count, weighted = "
+        "support x log2(1 + lift), lift = the user's share over the catalogue's share.")
     vocabulary_size: int = Field(
         8, ge=1, le=64, description="Most attributes offered to one user's slots (never fewer than m when the "
         "history has them).")
     min_support: int = Field(
         2, ge=1, description="Items of the user's history an attribute needs to be offered (below it only to "
         "fill up to m).")
+    slot_order: Literal["model", "strength", "share"] = Field(
+        "share", description="generate mode with a vocabulary: share = the m slots are shared out among the user's "
+        "categories in proportion to their strength (D'Hondt), each slot opening with its term, the LLM writing "
+        "the rest; strength = slot k opens with the k-th strongest term; model = each slot opens with a term the "
+        "LLM picks (distinct across slots).")
+    avoid_categories: bool = Field(
+        True, description="generate mode with a vocabulary: a slot's free words never name a category of the "
+        "catalogue vocabulary (genres, other text columns), so each preference states the one it opens with "
+        "(transformers backend; other engines ignore it).")
     mmr_lambda: float = Field(
         0.7, ge=0, le=1, description="score mode: MMR's weight of relevance (PMI) against token overlap with the "
         "preferences already picked.")

@@ -70,6 +70,10 @@ class FreeText:
     min_tokens: int = 1
     max_tokens: int = 16
     chars: str = ""
+    # lower-case words the text must not write (e.g. genre names in a phrase about one genre): no word of the
+    # text is one of them, begins with four or more of their letters, or extends one ("dramas"); the
+    # transformers backend enforces it token by token, other engines ignore it
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

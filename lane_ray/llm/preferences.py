@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lane_ray.llm.backend import Choice, GenerationParams, LLMBackend, json_string_array
+from lane_ray.llm.backend import Choice, FreeText, GenerationParams, LLMBackend, Template, Text
 from lane_ray.llm.parsing import check_preferences, parse_preferences
 from lane_ray.llm.prompts import (
     PREFERENCE_PREFILL,
@@ -48,6 +48,7 @@ from lane_ray.llm.prompts import (
 
 DECADE = re.compile(r"^\d{3}0s$")
 VOCABULARY_ORDERS = ("weighted", "lift", "support")
+SLOT_ORDERS = ("model", "strength", "share")
 
 
 @dataclass
@@ -82,9 +83,11 @@ class ExtractionSettings:
     min_slot_tokens: int = 2
     vocabulary: tuple[str, ...] = ()  # each preference opens with one of the user's own terms (empty: free text)
     vocabulary_share: tuple[float, ...] = ()
-    vocabulary_order: str = "weighted"
+    vocabulary_order: str = "support"
     vocabulary_size: int = 8
     min_support: int = 2
+    slot_order: str = "share"
+    avoid_categories: bool = True
     mode: str = "generate"
     mmr_lambda: float = 0.7
     temperature: float = 0.3
@@ -101,6 +104,8 @@ class ExtractionSettings:
             raise ValueError(f"vocabulary_order '{self.vocabulary_order}': choose from {', '.join(VOCABULARY_ORDERS)}")
         if self.mode not in ("generate", "score"):
             raise ValueError(f"mode '{self.mode}': choose generate or score")
+        if self.slot_order not in SLOT_ORDERS:
+            raise ValueError(f"slot_order '{self.slot_order}': choose from {', '.join(SLOT_ORDERS)}")
 
     @property
     def prompt_version(self) -> str:
@@ -273,6 +278,65 @@ PHRASE_BANK = (
 )
 
 
+def share_slots(vocab: Sequence[UserAttribute], m: int, order: str = "support") -> list[str]:
+    """The terms ``m`` slots open with, in proportion to the user's tastes: the slots are shared out among the
+    user's categories (genres, other columns; decades only when there is no category) by the D'Hondt rule
+    over their strength (the ``order`` key), strongest first, so a user who mostly watches dramas gets
+    several drama preferences ("Drama movies about ...", "Drama movies set in ...") and a passing taste gets
+    none. Each term's slots come together, the strongest term's first."""
+    pool = [a for a in vocab if not a.is_decade] or list(vocab)
+    if not pool or m <= 0:
+        return []
+    weight = {a.term: -_order_key(a, order)[0] for a in pool}
+    seats = dict.fromkeys(weight, 0)
+    for _ in range(m):
+        best = max(pool, key=lambda a: (weight[a.term] / (seats[a.term] + 1), a.count))
+        seats[best.term] += 1
+    return [a.term for a in pool for _ in range(seats[a.term])]
+
+
+# Words of a vocabulary term that a slot's free words may still use: too common to name a category.
+_COMMON_WORDS = frozenset({"film", "films", "movie", "movies", "the", "and", "for", "with"})
+
+
+def vocabulary_words(vocabulary: Sequence[str]) -> tuple[str, ...]:
+    """The lower-case words (3 letters or more) of the vocabulary's category terms (genres, other text columns;
+    not decades), sorted: what a slot's free words must not say. A slot opens with one category; free words
+    naming others ("Comedy movies with a twist of horror") blur what the preference states."""
+    words = set()
+    for term in vocabulary:
+        if re.fullmatch(r"\d{3}0s", term):
+            continue
+        words.update(w for w in re.findall(r"[a-z]+", term.lower()) if len(w) >= 3 and w not in _COMMON_WORDS)
+    return tuple(sorted(words))
+
+
+def slot_template(vocabulary: tuple[str, ...], s: ExtractionSettings,
+                  attributes: Sequence[UserAttribute] = ()) -> Template:
+    """The constraint of one user's reply (after the prefill): ``m`` grounded slots. ``slot_order="model"``: every
+    slot opens with a term of the user's vocabulary not used before, the model's choice (:func:`slot_head`);
+    ``"strength"``: slot k opens with the user's k-th strongest term (the vocabulary's order), so the m
+    preferences state the m strongest attributes and the model writes what the user enjoys in them. A
+    vocabulary shorter than m (:func:`user_vocabulary` pads it with support-1 terms first) leaves slots that
+    can only repeat a term: the duplicate is rejected and the history fallback fills it, as in ``"model"``.
+    Without a vocabulary the slots are free text. The free words never name a category of the catalogue
+    vocabulary (:func:`vocabulary_words`; enforced by the transformers backend)."""
+    head = slot_head(vocabulary, s.item_noun)
+    shared = share_slots(attributes, s.m, s.vocabulary_order) if s.slot_order == "share" else []
+    avoid = vocabulary_words(s.vocabulary) if s.avoid_categories else ()
+    free = FreeText(s.min_slot_tokens, s.max_slot_tokens, SLOT_CHARS, avoid)
+    segs: list[Any] = []
+    for k in range(s.m):
+        if s.slot_order == "share" and k < len(shared):
+            segs += [Choice((shared[k],)), *head[1:]]
+        elif s.slot_order == "strength" and k < len(vocabulary):
+            segs += [Choice((vocabulary[k],)), *head[1:]]
+        else:
+            segs += list(head)
+        segs += [free, Text('", "' if k < s.m - 1 else '"]}')]
+    return Template(tuple(segs))
+
+
 def slot_head(vocabulary: tuple[str, ...], item_noun: str) -> tuple[Choice, ...]:
     """The fixed opening of a grounded slot: a vocabulary term not used by an earlier slot (so the m
     preferences are distinct by construction and ordered as the model ranks the terms), then a connector
@@ -305,8 +369,7 @@ def extract_batch(users: list[UserHistory], backend: LLMBackend, s: ExtractionSe
     for u in users:
         titles = [it.title for it in u.items]
         messages, vocab = user_prompt(u, s, count_tokens)
-        head = slot_head(tuple(a.term for a in vocab), s.item_noun)
-        template = json_string_array(s.m, 0, s.min_slot_tokens, s.max_slot_tokens, head=head, chars=SLOT_CHARS)
+        template = slot_template(tuple(a.term for a in vocab), s, vocab)
         state[u.user_id] = {"user": u, "titles": titles, "messages": messages, "template": template,
                             "accepted": [], "rejected": Counter(), "raw": [], "tokens": 0, "repaired": False}
     pending = [u.user_id for u in users]

@@ -70,6 +70,37 @@ def llm_id(name_or_path: str) -> str:
     return f"{Path(gguf).stem if gguf else folder.name}@{h.hexdigest()[:12]}"
 
 
+def spells(word: str, words: tuple[str, ...]) -> bool:
+    """Whether a (partial) word spells one of ``words`` (lower-case): it is one of them, or, for words of four
+    letters or more, it is their first four letters or more, or it extends one ("dram", "drama", "dramas" for
+    "drama"; "dra" and "dream" stay allowed: shorter fragments begin too many other words)."""
+    return any(word == w or (len(w) >= 4 and ((len(word) >= 4 and w.startswith(word)) or word.startswith(w)))
+               for w in words)
+
+
+def _letters(text: str) -> tuple[str, str]:
+    """(leading letter run, trailing letter run) of ``text``, lower-cased."""
+    t = text.lower()
+    a = 0
+    while a < len(t) and t[a].isalpha():
+        a += 1
+    b = len(t)
+    while b > 0 and t[b - 1].isalpha():
+        b -= 1
+    return t[:a], t[b:]
+
+
+def avoided(piece: str, words: tuple[str, ...]) -> bool:
+    """Whether a token spells one of ``words`` when it starts a word: the first run of letters of the piece
+    (after any leading space or punctuation) :func:`spells` one of them."""
+    if not words:
+        return False
+    t = piece.lower().lstrip()
+    while t and not t[0].isalpha():
+        t = t[1:]
+    return bool(t) and spells(_letters(t)[0], words)
+
+
 class TokenVocabulary:
     """What a constraint needs to know of a tokenizer, computed once per backend: the tokens allowed inside
     a JSON string (:data:`FORBIDDEN_FREE_CHARS` and control characters excluded), the ``"`` token, EOS,
@@ -97,17 +128,36 @@ class TokenVocabulary:
         self.quote = quote[0]
         self._texts: dict[str, list[int]] = {}
         self._tries: dict[tuple[str, ...], dict] = {}
-        self._masks: dict[str, Any] = {"": content}
+        self._masks: dict[tuple[str, tuple[str, ...]], Any] = {("", ()): content}
+        self._bans: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        self._runs: list[tuple[int, str]] | None = None
 
-    def content_mask(self, chars: str) -> Any:
-        """Tokens allowed in free text, restricted to those made of ``chars`` only when it is set."""
-        if chars not in self._masks:
+    def continuation_ban(self, word: str, avoid: tuple[str, ...]) -> list[int]:
+        """Tokens that, glued to the partial ``word`` being written, would spell a word of ``avoid``
+        (:func:`spells`): "dr" + "ama", "dra" + "m". Computed once per (word, avoid), only where ``word`` begins
+        one of them."""
+        key = (word, avoid)
+        if key not in self._bans:
+            ban: list[int] = []
+            if any(w.startswith(word) for w in avoid):
+                if self._runs is None:  # tokens that continue a word: those starting with a letter
+                    self._runs = [(i, _letters(p)[0]) for i, p in enumerate(self.pieces) if p and p[0].isalpha()]
+                ban = [i for i, run in self._runs if spells(word + run, avoid)]
+            self._bans[key] = ban
+        return self._bans[key]
+
+    def content_mask(self, chars: str, avoid: tuple[str, ...] = ()) -> Any:
+        """Tokens allowed in free text, restricted to those made of ``chars`` only when it is set, and without
+        the tokens that spell a word of ``avoid`` (see :func:`avoided`)."""
+        key = (chars, avoid)
+        if key not in self._masks:
             import torch
 
             allowed = set(chars)
-            ok = torch.tensor([bool(s) and set(s) <= allowed for s in self.pieces], dtype=torch.bool)
-            self._masks[chars] = self.content & ok
-        return self._masks[chars]
+            ok = torch.tensor([bool(s) and (not chars or set(s) <= allowed) and not avoided(s, avoid)
+                               for s in self.pieces], dtype=torch.bool)
+            self._masks[key] = self.content & ok
+        return self._masks[key]
 
     def encode(self, text: str) -> list[int]:
         if text not in self._texts:
@@ -149,7 +199,7 @@ class TemplateProcessor:
         self.free = all(self.free_rows)
         self.segs = [(t or Template(())).segments for t in templates]  # per row
         # one content mask per distinct FreeText character set, on the model's device
-        self.masks = {seg.chars: vocab.content_mask(seg.chars).to(device)
+        self.masks = {(seg.chars, seg.avoid): vocab.content_mask(seg.chars, seg.avoid).to(device)
                       for segs in self.segs for seg in segs if isinstance(seg, FreeText)}
         self.content = vocab.content.to(device)
         self.device = device
@@ -159,6 +209,7 @@ class TemplateProcessor:
         self.node: list[dict] = [{} for _ in range(batch_size)]
         self.count = [0] * batch_size
         self.used: list[list[int]] = [[] for _ in range(batch_size)]
+        self.word = [""] * batch_size  # the partial word a free text ends with (for FreeText.avoid)
         self.picked: list[dict[tuple[str, ...], set[str]]] = [{} for _ in range(batch_size)]
         self.bigrams: list[dict[int, set[int]]] = [{} for _ in range(batch_size)]
         for row in range(batch_size):
@@ -182,6 +233,7 @@ class TemplateProcessor:
             if isinstance(seg, FreeText):
                 self.count[row] = 0
                 self.used[row] = []
+                self.word[row] = ""
             else:
                 self.node[row] = self.v.trie(self._options(row, seg))
             return
@@ -203,7 +255,7 @@ class TemplateProcessor:
             toks = self.v.encode(seg.text)
             return toks[:1] if toks else self._starts(row, i + 1)
         if isinstance(seg, FreeText):
-            return self.masks[seg.chars]
+            return self.masks[(seg.chars, seg.avoid)]
         # options this row may still pick (a distinct choice's earlier picks excluded)
         return [t for t in self.v.trie(self._options(row, seg)) if t is not None]
 
@@ -222,6 +274,10 @@ class TemplateProcessor:
             else:
                 if self.used[row]:
                     self.bigrams[row].setdefault(self.used[row][-1], set()).add(tok)
+                if seg.avoid:
+                    piece = self.v.pieces[tok] if tok < len(self.v.pieces) else ""
+                    lead, tail = _letters(piece)
+                    self.word[row] = (self.word[row] + piece.lower() if lead == piece.lower() else tail)
                 self.count[row] += 1
                 self.used[row].append(tok)
         else:
@@ -254,8 +310,12 @@ class TemplateProcessor:
         if isinstance(seg, FreeText):
             if self.count[row] >= seg.max_tokens:
                 return self.v.quote
-            mask = self.masks[seg.chars].clone()
+            mask = self.masks[(seg.chars, seg.avoid)].clone()
             mask[self.v.quote] = self.count[row] >= seg.min_tokens
+            if seg.avoid and self.word[row]:
+                ban = self.v.continuation_ban(self.word[row], seg.avoid)
+                if ban:
+                    mask[ban] = False
             if self.used[row]:
                 mask[self.used[row]] = False  # no token twice in one free text (a small model's loops)
                 # nor a two-token sequence of an earlier free text (copying one phrase into every slot)

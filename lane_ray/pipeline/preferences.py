@@ -81,7 +81,9 @@ def settings_from_config(pc: Any, catalog: pa.Table) -> ExtractionSettings:
                               item_noun=pc.item_noun, max_retries=pc.max_retries, max_slot_tokens=pc.max_slot_tokens,
                               min_slot_tokens=pc.min_slot_tokens, vocabulary=vocab, vocabulary_share=shares,
                               vocabulary_order=pc.vocabulary_order, vocabulary_size=pc.vocabulary_size,
-                              min_support=pc.min_support, mode=pc.mode, mmr_lambda=pc.mmr_lambda,
+                              min_support=pc.min_support, slot_order=pc.slot_order,
+                              avoid_categories=pc.avoid_categories, mode=pc.mode,
+                              mmr_lambda=pc.mmr_lambda,
                               temperature=pc.temperature, seed=pc.seed, frequency_penalty=pc.frequency_penalty)
 
 

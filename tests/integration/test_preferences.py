@@ -162,6 +162,22 @@ def test_one_template_per_conversation(llm):
         llm.generate(conversations, GenerationParams(max_new_tokens=4), constraint=rows[:2])
 
 
+def test_free_text_avoids_words(llm):
+    from lane_ray.llm.transformers_backend import spells
+
+    avoid = ("drama", "comedy", "horror", "action", "romance", "thriller")
+    template = Template((FreeText(6, 14, SLOT_CHARS, avoid), Text('"')))
+    conversations = [[{"role": "user", "content": "List movie genres in lower case: drama, comedy, horror, action, "
+                                                  "romance, thriller, drama, comedy."}]] * 2
+    for seed in (0, 1):
+        gens = llm.generate(conversations, GenerationParams(max_new_tokens=20, temperature=1.0, seed=seed),
+                            prefill='"', constraint=template)
+        for g in gens:
+            assert template.matches(g.text), g.text
+            words = re.findall(r"[a-z]+", g.text.lower())
+            assert words and not any(spells(w, avoid) for w in words), g.text
+
+
 @pytest.mark.parametrize(("lo", "hi"), [(4, 4), (0, 3), (3, 6)])
 def test_free_text_token_bounds(llm, lo, hi):
     # the reply is the free text, then the closing quote (EOS is the pad token, so not counted)
@@ -260,7 +276,7 @@ def test_score_mode_picks_grounded_distinct_preferences(llm):
 
 def test_extract_batch_free_grounding(llm):
     users = [UserHistory(1, CATALOG[:5]), UserHistory(2, CATALOG[11:15])]
-    s = settings(vocabulary=())
+    s = settings(vocabulary=(), vocabulary_share=())
     assert s.prompt_version.startswith(PREFERENCE_PROMPT_VERSION + "+free-")
     assert settings().prompt_version.startswith(PREFERENCE_PROMPT_VERSION + "+vocab-")
     for r, u in zip(extract_batch(users, llm, s, llm.count_tokens), users, strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -139,7 +140,7 @@ USER = ([HistoryItem(f"d{k}", "Drama", "1995") for k in range(3)]
 def test_user_vocabulary_is_their_own_attributes_strongest_first():
     from lane_ray.llm.preferences import user_vocabulary
 
-    vocab = user_vocabulary(USER, grounded(m=3))
+    vocab = user_vocabulary(USER, grounded(m=3, vocabulary_order="weighted"))
     by = {a.term: a for a in vocab}
     assert by["Drama"].count == 6 and abs(by["Drama"].lift - 1.5) < 1e-9  # 6/10 over 0.4
     assert abs(by["Film-Noir"].lift - 10.0) < 1e-9 and by["1990s"].count == 8
@@ -152,17 +153,19 @@ def test_user_vocabulary_is_their_own_attributes_strongest_first():
     assert [a.term for a in user_vocabulary(USER, grounded(m=3, vocabulary_order="support"))][:3] == \
         ["Drama", "Comedy", "Crime"]
     # a cap keeps the strongest decade in the last place
-    assert [a.term for a in user_vocabulary(USER, grounded(m=3, vocabulary_size=3))] == ["Drama", "Film-Noir", "1990s"]
+    assert [a.term for a in user_vocabulary(USER, grounded(m=3, vocabulary_size=3, vocabulary_order="weighted"))] == \
+        ["Drama", "Film-Noir", "1990s"]
     # fewer than m eligible: support-1 terms fill up to m (War), then the history-based fallback takes over
     few = USER[:3] + [USER[-1]]
-    assert [a.term for a in user_vocabulary(few, grounded(m=3))] == ["Drama", "1990s", "Film-Noir"]
+    assert [a.term for a in user_vocabulary(few, grounded(m=3, vocabulary_order="weighted"))] == \
+        ["Drama", "1990s", "Film-Noir"]
     assert len(user_vocabulary(few, grounded(m=5))) == 5
 
 
 def test_each_user_gets_a_template_and_a_prompt_with_their_own_attributes():
     b = ScriptedBackend(['Drama movies about" " family"]}', 'x"]}'])
     users = [UserHistory(1, USER), UserHistory(2, USER[:6])]
-    extract_batch(users, b, grounded(m=1, max_retries=0))
+    extract_batch(users, b, grounded(m=1, max_retries=0, slot_order="model", vocabulary_order="weighted"))
     rows = b.constraints[0]
     assert isinstance(rows, list) and len(rows) == 2  # one template per conversation
     assert rows[0].segments[0].options == ("Drama", "Film-Noir", "Crime", "Comedy", "1990s", "1950s")
@@ -171,6 +174,58 @@ def test_each_user_gets_a_template_and_a_prompt_with_their_own_attributes():
     prompt = b.conversations[0][0][1]["content"]
     assert "Drama (6), Film-Noir (2), Crime (3), Comedy (3), 1990s (8), 1950s (2)." in prompt
     assert "War (" not in prompt and "Musical (" not in prompt
+
+
+def test_slot_order_strength_opens_slot_k_with_the_kth_term_and_free_words_avoid_categories():
+    from lane_ray.llm.backend import Choice, FreeText
+    from lane_ray.llm.preferences import slot_template, vocabulary_words
+
+    s = grounded(m=3, slot_order="strength")
+    assert vocabulary_words(s.vocabulary) == tuple(sorted(
+        w for t in s.vocabulary if not t.endswith("0s") for w in t.lower().replace("-", " ").split()
+        if len(w) >= 3 and w not in ("film", "movies")))
+    assert "noir" in vocabulary_words(s.vocabulary) and "film" not in vocabulary_words(s.vocabulary)
+    t = slot_template(("Drama", "Crime"), s)
+    heads = [seg for seg in t.segments if isinstance(seg, Choice) and not seg.options[0].startswith(" ")]
+    # two forced terms, then (vocabulary shorter than m) the model's distinct choice among them
+    assert [h.options for h in heads] == [("Drama",), ("Crime",), ("Drama", "Crime")]
+    assert all(f.avoid == vocabulary_words(s.vocabulary) for f in t.segments if isinstance(f, FreeText))
+    model = slot_template(("Drama", "Crime"), grounded(m=3))
+    assert [h.options for h in model.segments if isinstance(h, Choice) and h.distinct] == [("Drama", "Crime")] * 3
+    with pytest.raises(ValueError, match="slot_order 'x'"):
+        grounded(slot_order="x")
+
+
+def test_share_slots_follow_the_strength_of_each_category():
+    from lane_ray.llm.backend import Choice
+    from lane_ray.llm.preferences import UserAttribute, share_slots, slot_template, user_vocabulary
+
+    vocab = user_vocabulary(USER, grounded(m=5, vocabulary_order="weighted"))
+    # weighted strengths: Drama 7.9, Film-Noir 6.9, Crime 6, Comedy 3 (decades take no slot while there are
+    # categories); D'Hondt over 5 slots: Drama, Film-Noir, Crime, Drama (3.95), Film-Noir (3.46)
+    assert share_slots(vocab, 5, "weighted") == ["Drama", "Drama", "Film-Noir", "Film-Noir", "Crime"]
+    # by support (the default order): Drama 6, Comedy 3, Crime 3 (ties: vocabulary order), Film-Noir 2 -> Drama 6,
+    # Drama 3, Comedy 3, Crime 3, Drama 2 (ties: the larger count)
+    assert share_slots(user_vocabulary(USER, grounded(m=5)), 5) == ["Drama", "Drama", "Drama", "Comedy", "Crime"]
+    assert share_slots(vocab, 1, "weighted") == ["Drama"] and share_slots(vocab, 0) == [] and share_slots([], 3) == []
+    decades_only = [UserAttribute("1990s", 4, 1.2), UserAttribute("1980s", 2, 1.0)]
+    assert share_slots(decades_only, 3) == ["1990s", "1990s", "1980s"]
+    weighted = grounded(m=5, slot_order="share", vocabulary_order="weighted")
+    t = slot_template(tuple(a.term for a in vocab), weighted, vocab)
+    heads = [seg.options for seg in t.segments if isinstance(seg, Choice) and not seg.options[0].startswith(" ")]
+    assert heads == [("Drama",), ("Drama",), ("Film-Noir",), ("Film-Noir",), ("Crime",)]
+
+
+def test_avoided_words_are_whole_words_four_letter_prefixes_or_extensions():
+    from lane_ray.llm.transformers_backend import avoided, spells
+
+    words = ("drama", "war", "thriller")
+    assert spells("drama", words) and spells("dram", words) and spells("dramas", words) and spells("war", words)
+    assert not spells("dra", words) and not spells("dream", words) and not spells("warm", words)
+    assert avoided(" drama", words) and avoided("Drama,", words) and avoided(" dram", words)
+    assert avoided(" war", words) and avoided(" thrill", words) and avoided(" thrillers", words)
+    assert not avoided(" dr", words) and not avoided(" warm", words) and not avoided(" the", words)
+    assert not avoided(" drama", ()) and not avoided("  ", words)
 
 
 def test_mmr_picks_distinct_terms_and_phrases_and_respects_accept():
