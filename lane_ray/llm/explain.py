@@ -318,16 +318,8 @@ def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = N
 
 def max_new_tokens(template: Template) -> int:
     """Enough tokens for the whole template: every fixed character may be a token at worst, free slots at
-    their caps."""
-    n = 8
-    for seg in template.segments:
-        if isinstance(seg, Text):
-            n += len(seg.text)
-        elif isinstance(seg, Choice):
-            n += max(len(o) for o in seg.options)
-        else:
-            n += seg.max_tokens
-    return n
+    their caps (the template's character bound at one character per free token), plus EOS and slack."""
+    return template.max_chars(chars_per_token=1) + 8
 
 
 # -- parsing -------------------------------------------------------------------------------------------
