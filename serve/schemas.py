@@ -83,14 +83,27 @@ class ExplanationOut(BaseModel):
     item_id: int = Field(..., description="The explained item.")
     rank: int = Field(..., description="Its rank for this user.")
     title: str = Field(..., description="Its title.")
-    steps: list[str] = Field(..., description="The four chain-of-thought steps: why, fit, likelihood, reason.")
+    steps: list[str] = Field(..., description="The four chain-of-thought steps: the model's attribution, the "
+                             "evidence, the likelihood, the reason.")
     likelihood: str = Field(..., description="high | medium | low.")
     reason: str = Field(..., description="The final, personal reason.")
-    fit: list[float] = Field(..., description="How well the item fits each preference (0-1; empty for templates).")
-    source: Literal["llm", "template"] = Field(..., description="`template`: built from the alignment weights "
+    fit: list[float] = Field(..., description="judge mode: how well the item fits each preference according to "
+                             "the LLM (0-1); empty otherwise and for templates.")
+    source: Literal["llm", "template"] = Field(..., description="`template`: built from the attribution alone "
                                                "because the LLM failed, timed out or gave no parseable reply.")
     degraded_reason: str | None = Field(None, description="Why a template was returned, when it was.")
-    checks: dict[str, Any] = Field(default_factory=dict, description="Logic checks (DESIGN.md).")
+    checks: dict[str, Any] = Field(default_factory=dict, description="The explanation's checks "
+                                   "(docs/explanations.md).")
+    main_preference: str | None = Field(None, description="The preference the explanation cites as the main "
+                                        "reason; empty when it cites history items instead.")
+    evidence_item_ids: list[int] | None = Field(None, description="The history items the explanation cites.")
+    preferences: list[str] | None = Field(None, description="The user's preferences, in their stored order.")
+    labels: list[str] | None = Field(None, description="Per preference: main, also or unused (from pref_contrib).")
+    pref_contrib: list[float] | None = Field(None, description="Per preference: the score minus the score "
+                                             "without it (the model's leave-one-out attribution).")
+    pref_share: float | None = Field(None, description="The score minus the score without any preference.")
+    attribution: str | None = Field(None, description="Where the contributions come from: model (leave-one-out) "
+                                    "or alignment weights (a stand-in, flagged).")
 
 
 class RecommendResponse(BaseModel):
