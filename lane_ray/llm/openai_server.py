@@ -310,6 +310,15 @@ def build_app(backend: LLMBackend, served_model: str, max_batch_size: int = 32, 
         got = request.headers.get("authorization", "")
         return hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())
 
+    async def json_body(request: Request) -> tuple[Any, Any]:
+        """(the JSON body, None) of an authorized request, or (None, the error response)."""
+        if not authorized(request):
+            return None, _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authorization")
+        try:
+            return await request.json(), None
+        except ValueError:
+            return None, _error(400, "field 'body': not valid JSON", "body")
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "generate_calls": batcher.batches}
@@ -323,12 +332,9 @@ def build_app(backend: LLMBackend, served_model: str, max_batch_size: int = 32, 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        if not authorized(request):
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authorization")
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "field 'body': not valid JSON", "body")
+        body, error = await json_body(request)
+        if error is not None:
+            return error
         try:
             messages, job = parse_chat_request(body, served_model, max_tokens_limit)
         except RequestError as e:
@@ -350,12 +356,9 @@ def build_app(backend: LLMBackend, served_model: str, max_batch_size: int = 32, 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        if not authorized(request):
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authorization")
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "field 'body': not valid JSON", "body")
+        body, error = await json_body(request)
+        if error is not None:
+            return error
         try:
             prompt = parse_completion_request(body, served_model)
         except RequestError as e:
