@@ -84,16 +84,21 @@ def _content(value: Any, k: int) -> str:
     raise RequestError(f"messages[{k}].content", "must be a string or a list of text parts")
 
 
-def parse_chat_request(body: Any, served_model: str, max_tokens_limit: int = 4096) -> tuple[Messages, ChatJob]:
-    """Validate a chat-completions body; the conversation (without the prefill) and the job. Raises
-    :class:`RequestError` naming the first bad field."""
-    from lane_ray.llm.openai_backend import template_from_json
-
+def _check_body(body: Any, served_model: str) -> None:
+    """A request body must be a JSON object, and name the served model when it names one."""
     if not isinstance(body, dict):
         raise RequestError("body", "must be a JSON object")
     model = body.get("model")
     if model is not None and model != served_model:
         raise RequestError("model", f"the model '{model}' does not exist (served: '{served_model}')", 404)
+
+
+def parse_chat_request(body: Any, served_model: str, max_tokens_limit: int = 4096) -> tuple[Messages, ChatJob]:
+    """Validate a chat-completions body; the conversation (without the prefill) and the job. Raises
+    :class:`RequestError` naming the first bad field."""
+    from lane_ray.llm.openai_backend import template_from_json
+
+    _check_body(body, served_model)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages", "must be a non-empty list of {role, content}")
@@ -177,11 +182,7 @@ def parse_chat_request(body: Any, served_model: str, max_tokens_limit: int = 409
 def parse_completion_request(body: Any, served_model: str, max_chars: int = 200_000) -> str:
     """Validate a scoring completions body (see the module docstring); the prompt text. Raises
     :class:`RequestError` naming the first bad field."""
-    if not isinstance(body, dict):
-        raise RequestError("body", "must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != served_model:
-        raise RequestError("model", f"the model '{model}' does not exist (served: '{served_model}')", 404)
+    _check_body(body, served_model)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
