@@ -11,12 +11,7 @@ from lane_ray.models.attribution import attribute
 N, L, D, H, M, C = 30, 8, 8, 16, 4, 5  # items, window, pref width, hidden, preference slots, candidates
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(backbone: str, align: bool = True, seed: int = 0, item_mode: str = "id") -> SequentialRecommender:

@@ -16,12 +16,7 @@ from lane_ray.models.layers import ItemEmbedder
 N, U, L, D, H, M = 30, 40, 8, 8, 16, 4  # items, users, window, title/pref width, hidden, preference slots
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sequences(seed: int = 0) -> torch.Tensor:
