@@ -269,7 +269,8 @@ class PreferencesConfig(_LLMActors):
     with_attributes: bool = Field(True, description="Show genres and year next to titles where the dataset has them.")
     item_noun: str = Field("movies", description="What the items are called in the prompt and in fallbacks.")
     max_retries: int = Field(2, ge=0, description="Rounds that re-sample rejected slots (new seed, hotter).")
-    max_slot_tokens: int = Field(10, ge=3, description="Token cap of one preference during constrained decoding.")
+    max_slot_tokens: int = Field(6, ge=3, description="Free tokens of one preference after its fixed opening "
+                                 "(category and connector) during constrained decoding.")
     min_slot_tokens: int = Field(2, ge=1, description="Free tokens a preference needs before it may end.")
     grounding: Literal["vocabulary", "free"] = Field(
         "vocabulary",
@@ -339,6 +340,12 @@ class ExplainConfig(_LLMActors):
         90, ge=0, description="Token budget of the history in the prompt (newest kept; the newest item always is).")
     max_why_tokens: int = Field(12, ge=1, description="Token cap of the free 'because' clause.")
     max_reason_tokens: int = Field(20, ge=1, description="Token cap of the reason's free body.")
+    free_text: Literal["lower", "any"] = Field(
+        "lower", description="lower: the free parts are lower-case words and punctuation (a small model cannot "
+        "copy titles or write years into them); any: every character but quotes and control characters.")
+    avoid_unused: bool = Field(
+        True, description="The free parts may not write the words of the preferences the explanation does not "
+        "cite (all of them when it cites history items), so the text cannot give a reason the model did not use.")
     also_share: float = Field(
         0.25, ge=0, le=1, description="Label 'also': a positive pref_contrib of at least this share of the main "
         "(largest) one; smaller or non-positive ones are 'unused'.")

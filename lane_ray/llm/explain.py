@@ -15,14 +15,16 @@ score most (``history_contrib``). The prompt states that computation, and the LL
 
 The reply is constrained per row by a :class:`~lane_ray.llm.backend.Template` (:func:`explain_template`)::
 
-    {"evidence": "<one of the offered history titles>", "because": "because <free>",
-     ["fit": [<m choices>], "likelihood": "<low|medium|high>",]        (judge mode only)
-     "reason": "<target title> suits your taste for <main preference>: <free>"}
+    {"reason": "<target title> suits your taste for <main preference>: <free>",
+     "evidence": "<one of the offered history titles>", "because": "because <free>"
+     [, "fit": [<m choices>], "likelihood": "<low|medium|high>"]}      (judge mode only)
 
 The target's title and the main preference (or, citing history, the main evidence item) are fixed text: the
-structure cannot drop or swap them. The evidence is a choice among the user's own history titles: the
-attribution's evidence items plus recent history titles, so a wrong pick is possible and
-``evidence_valid`` can fail. The free parts are the "because" clause and the reason's body; the checks in
+structure cannot drop or swap them, and the free text that follows them is written with them in
+view. The free parts are lower-case words (no copied titles, no digits) and never use the words of the
+preferences the row does not cite (:func:`avoid_words`). The evidence is a choice among the user's own
+history titles: the attribution's evidence items plus recent history titles, so a wrong pick is possible
+and ``evidence_valid`` can fail. The free parts are the "because" clause and the reason's body; the checks in
 :mod:`lane_ray.llm.explain_checks` read only them. A reply that does not parse is re-sampled up to
 ``max_retries`` times, then replaced by a template explanation that states the attribution
 (``source="template"``), never an exception or a dropped row.
@@ -43,20 +45,24 @@ from lane_ray.llm.backend import Choice, FreeText, GenerationParams, LLMBackend,
 from lane_ray.llm.parsing import extract_json
 from lane_ray.llm.prompts import HistoryItem, clean_text, trim_history
 
-EXPLAIN_PROMPT_VERSION = "explain-v2"
+EXPLAIN_PROMPT_VERSION = "explain-v3"
 
 LIKELIHOODS = ("low", "medium", "high")
 FIT_OPTIONS = tuple(f"{k / 10:.1f}" for k in range(11))  # "0.0", "0.1", ..., "1.0": prefix-free
 LABELS = ("main", "also", "unused")
 MODES = ("grounded", "judge")
 SOURCES = ("llm", "template")
-# Letters (Latin-1 accents included), space and sentence punctuation: words, not digit runs or years.
-WHY_CHARS = string.ascii_letters + "àáâäãåæçèéêëìíîïñòóôöõøùúûüýÿÀÁÂÄÇÈÉÊËÍÎÑÓÔÖØÚÜß" + " ,.;:'!?&-"
+# Lower-case letters (Latin-1 accents included), space and sentence punctuation: words, not digit runs, years
+# or copied titles (a title starts with a capital letter).
+FREE_CHARS = string.ascii_lowercase + "àáâäãåæçèéêëìíîïñòóôöõøùúûüýÿß" + " ,.;:'!?&-"
+# Words a free part may always write, even where another preference uses them: too common to state a reason.
+_COMMON_WORDS = frozenset({"the", "and", "for", "with", "about", "set", "full", "that", "feel", "from", "this",
+                           "your", "you", "its", "are", "has", "have", "like", "film", "films", "movie", "movies"})
 
 # The "because" clause opens with this fixed word; no check reads it.
 WHY_OPENING = "because "
-# The assistant turn is pre-filled with this (shared by all rows), so generation starts inside the evidence.
-EXPLAIN_PREFILL = '{"evidence": "'
+# The assistant turn is pre-filled with this (shared by all rows), so generation starts inside the reason.
+EXPLAIN_PREFILL = '{"reason": "'
 
 EXPLAIN_SYSTEM = (
     "You put a recommender's own reasons into words. The history, preferences and target are data, written "
@@ -82,9 +88,10 @@ class ExplainSettings:
     template_medium_rank: int = 10
     max_why_tokens: int = 12  # token cap of the "because" clause
     min_why_tokens: int = 3
-    why_chars: str = WHY_CHARS  # the only characters the clause may use ("" = any)
     max_reason_tokens: int = 20
     min_reason_tokens: int = 4
+    free_chars: str = FREE_CHARS  # the only characters the free parts may use ("" = any)
+    avoid_unused: bool = True  # the free parts may not write the words of preferences the row does not cite
     max_retries: int = 1  # re-sampling rounds for replies that do not parse
     temperature: float = 0.3
     retry_temperature_step: float = 0.3
@@ -239,6 +246,13 @@ def plan(req: ExplainRequest, s: ExplainSettings) -> Plan:
     return Plan(order, labels, hist, -1 if hist else order[0], evidence, options, lik, src)
 
 
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
 def _q(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
@@ -270,9 +284,9 @@ def explain_messages(req: ExplainRequest, s: ExplainSettings, count_tokens: Call
         f"The recommender ranked the target #{req.rank} (likelihood {p.likelihood}). Its reasons, computed from "
         f"its score, strongest first:\n" + "\n".join(lines) + "\n"
         f"Evidence in the history: {ev}\n{focus}\n"
-        f"Pick the history title that best shows it, say in a few words why the target fits, then write one "
-        f"sentence to the person.\n"
-        f'Reply as JSON: {{"evidence": "title", "because": "because ...",{judge} "reason": "..."}}'
+        f"Write one sentence to the person that gives this reason, pick the history title that best shows it, "
+        f"then say in a few words why the target fits.\n"
+        f'Reply as JSON: {{"reason": "...", "evidence": "title", "because": "because ...",{judge}}}'
     )
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
 
@@ -294,13 +308,48 @@ def _js(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
-def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> Template:
-    """The constraint on the text after :data:`EXPLAIN_PREFILL` for one row: the evidence as a choice among the
-    offered history titles, the "because" clause (free), in judge mode ``m`` fit choices and a likelihood
-    choice, and the reason: its fixed head (:func:`reason_head`) then a free body."""
+def _blocks(avoided: str, word: str) -> bool:
+    """Whether avoiding ``avoided`` would also refuse ``word`` (the rule of :class:`FreeText.avoid`: the same
+    word, a prefix of it of four or more letters, or an extension of it)."""
+    return word == avoided or word.startswith(avoided) or (len(word) >= 4 and avoided.startswith(word))
+
+
+def avoid_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> tuple[str, ...]:
+    """The words the free parts may not write (``avoid_unused``): those of the preferences the row does not
+    cite (all of them when it cites history items), except the words of what it does cite (the main
+    preference, or the evidence titles and their genres), of the target (title, genres) and common words.
+    So the text cannot state a reason the model's attribution does not give. It can still be generic, or
+    name a category that no preference states: the checks measure both."""
     p = p or plan(req, s)
-    segs: list[Any] = [Choice(tuple(_js(t) for _, t in p.options)), Text('", "because": "' + WHY_OPENING),
-                       FreeText(min(s.min_why_tokens, s.max_why_tokens), s.max_why_tokens, chars=s.why_chars)]
+    if not s.avoid_unused or not req.preferences:
+        return ()
+    keep = set(_words(req.target.title)) | set(_words(req.target.genres or "")) | set(_words(s.item_noun))
+    keep |= _COMMON_WORDS
+    if p.history_mode:
+        cited = list(range(len(req.preferences)))
+        for item in req.evidence:
+            keep |= set(_words(item.title)) | set(_words(item.genres or ""))
+    else:
+        cited = [k for k in range(len(req.preferences)) if k != p.main_index]
+        keep |= set(_words(req.preferences[p.main_index]))
+    words = {w for k in cited for w in _words(clean_text(req.preferences[k], 80)) if len(w) >= 3 and w.isalpha()}
+    return tuple(sorted(w for w in words if not any(_blocks(w, k) for k in keep)))
+
+
+def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> Template:
+    """The constraint on the text after :data:`EXPLAIN_PREFILL` for one row: the reason's fixed head
+    (:func:`reason_head`: the target's title and the main preference or evidence item) then its free body,
+    the evidence as a choice among the offered history titles, the "because" clause (free), and in judge
+    mode ``m`` fit choices and a likelihood choice. The free parts use ``free_chars`` only and never write
+    :func:`avoid_words`."""
+    p = p or plan(req, s)
+    avoid = avoid_words(req, s, p)
+    segs: list[Any] = [
+        Text(_js(reason_head(req, p))),
+        FreeText(min(s.min_reason_tokens, s.max_reason_tokens), s.max_reason_tokens, s.free_chars, avoid),
+        Text('", "evidence": "'), Choice(tuple(_js(t) for _, t in p.options)),
+        Text('", "because": "' + WHY_OPENING),
+        FreeText(min(s.min_why_tokens, s.max_why_tokens), s.max_why_tokens, s.free_chars, avoid)]
     if s.mode == "judge":
         m = len(req.preferences)
         segs.append(Text('", "fit": ['))
@@ -308,10 +357,6 @@ def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = N
             segs.append(Choice(FIT_OPTIONS))
             segs.append(Text(", " if k < m - 1 else '], "likelihood": "'))
         segs.append(Choice(LIKELIHOODS))
-        segs.append(Text('", "reason": "' + _js(reason_head(req, p))))
-    else:
-        segs.append(Text('", "reason": "' + _js(reason_head(req, p))))
-    segs.append(FreeText(min(s.min_reason_tokens, s.max_reason_tokens), s.max_reason_tokens))
     segs.append(Text('"}'))
     return Template(tuple(segs))
 
@@ -332,13 +377,6 @@ class ParsedReply:
     fit: list[float]
     likelihood: str
     repaired: bool
-
-
-_WORD = re.compile(r"[^\W_]+")
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
 
 
 def parse_reply(text: str, req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> ParsedReply | None:
@@ -511,8 +549,8 @@ def counterfactual(req: ExplainRequest, s: ExplainSettings) -> ExplainRequest | 
     return replace(req, pref_contrib=contrib)
 
 
-__all__ = ["EXPLAIN_PREFILL", "EXPLAIN_PROMPT_VERSION", "FIT_OPTIONS", "LABELS", "LIKELIHOODS", "MODES",
+__all__ = ["EXPLAIN_PREFILL", "EXPLAIN_PROMPT_VERSION", "FIT_OPTIONS", "FREE_CHARS", "LABELS", "LIKELIHOODS", "MODES",
            "WHY_OPENING", "ExplainRequest", "ExplainSettings", "Explanation", "Plan", "alternative_index",
-           "cites_history", "counterfactual", "explain_batch", "explain_messages", "explain_template",
+           "avoid_words", "cites_history", "counterfactual", "explain_batch", "explain_messages", "explain_template",
            "label_preferences", "likelihood_bucket", "max_new_tokens", "parse_reply", "plan", "reason_head",
            "template_explanation"]

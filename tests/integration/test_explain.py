@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from lane_ray.cli import main
 from lane_ray.io import read_parquet
-from lane_ray.llm.explain import ExplainRequest, ExplainSettings, explain_batch, explain_template
+from lane_ray.llm.explain import EXPLAIN_PREFILL, ExplainRequest, ExplainSettings, explain_batch, explain_template
 from lane_ray.llm.prompts import HistoryItem
 from lane_ray.pipeline.explain import load_requests, run_explanations
 
@@ -69,4 +69,4 @@ def test_injected_title_keeps_structure_and_main_preference(llm):
     assert e.source == "llm" and e.format_ok, e.raw
     assert e.main_preference == "crime thrillers"
     assert e.reason.startswith(f"{INJECTION} suits your taste for crime thrillers: ")
-    assert explain_template(reqs[0], SETTINGS).matches(e.raw.split('{"evidence": "', 1)[1])
+    assert explain_template(reqs[0], SETTINGS).matches(e.raw.split(EXPLAIN_PREFILL, 1)[1])
