@@ -27,15 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process LLM")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON (else a short table)")
     ap.add_argument("--out-json", type=Path, help="also write the summary here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set explain.avoid_unused=false (repeatable)")
+    ap.add_argument("--dest", default="bench_explanations",
+                    help="folder under RUN for the explanations (default bench_explanations)")
     args = ap.parse_args(argv)
 
-    from lane_ray.config import LaneConfig
+    from lane_ray.config import load_config
     from lane_ray.llm import backend_kwargs, make_backend, model_identity
     from lane_ray.pipeline.explain import load_requests, run_explanations, settings_from_config
     from lane_ray.text import TextEncoder
 
-    cfg = LaneConfig()
-    cfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(update={"mode": args.mode})})
+    cfg = load_config(overrides=args.overrides, values={"explain.mode": args.mode})
     settings = settings_from_config(cfg)
     reqs, controls, vocab = load_requests(args.run, args.run / "candidates.parquet", args.top_k, args.users,
                                           controls=args.mode == "judge")
@@ -43,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.llm.backend == "transformers":
         kwargs["num_threads"] = args.threads
     backend = make_backend(cfg.llm.backend, **kwargs)
-    dest = args.run / "bench_explanations"
+    dest = args.run / args.dest
     dest.mkdir(parents=True, exist_ok=True)
     summary = run_explanations(reqs, dest / "explanations.parquet", dest / "explanation_checks.json",
                                cfg.llm.backend, {}, settings, model_identity(cfg.llm), args.batch_size,
                                use_ray=False, backend=backend, encoder=TextEncoder(cfg.embed.model, device="cpu"),
                                vocab=vocab, controls=controls)
-    summary.update(run=str(args.run), users_requested=args.users, top_k=args.top_k)
+    summary.update(run=str(args.run), users_requested=args.users, top_k=args.top_k, overrides=args.overrides)
     if args.out_json:
         args.out_json.parent.mkdir(parents=True, exist_ok=True)
         args.out_json.write_text(json.dumps(summary, indent=2))
