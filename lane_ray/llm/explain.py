@@ -53,8 +53,8 @@ LABELS = ("main", "also", "unused")
 MODES = ("grounded", "judge")
 SOURCES = ("llm", "template")
 # Lower-case letters (Latin-1 accents included), space and sentence punctuation: words, not digit runs, years
-# or copied titles (a title starts with a capital letter).
-FREE_CHARS = string.ascii_lowercase + "àáâäãåæçèéêëìíîïñòóôöõøùúûüýÿß" + " ,.;:'!?&-"
+# or copied titles (a title starts with a capital letter; no quote marks either).
+FREE_CHARS = string.ascii_lowercase + "àáâäãåæçèéêëìíîïñòóôöõøùúûüýÿß" + " ,.;:!?&-"
 # Words a free part may always write, even where another preference uses them: too common to state a reason.
 _COMMON_WORDS = frozenset({"the", "and", "for", "with", "about", "set", "full", "that", "feel", "from", "this",
                            "your", "you", "its", "are", "has", "have", "like", "film", "films", "movie", "movies"})
@@ -230,7 +230,12 @@ def plan(req: ExplainRequest, s: ExplainSettings) -> Plan:
     order, labels = label_preferences(req.pref_contrib, s.also_share)
     hist = cites_history(req, s)
     evidence = []
+    train = set(req.history_ids)
     for iid, d, item in zip(req.evidence_ids, req.evidence_contrib, req.evidence, strict=False):
+        # an attribution item outside the train prefix (the validation item that test-time scoring also
+        # sees) is not shown to the LLM, so it is neither shown as evidence nor offered
+        if train and int(iid) not in train:
+            continue
         if d > 0 and _title(item.title) and len(evidence) < s.evidence_items:
             evidence.append((int(iid), _title(item.title), float(d)))
     options: list[tuple[int, str]] = []
@@ -298,9 +303,9 @@ def reason_head(req: ExplainRequest, p: Plan) -> str:
     if p.history_mode:
         item = p.evidence[0][1] if p.evidence else (p.options[0][1] if p.options else "your history")
         if not req.preferences:
-            return f"{title} follows from {item} in your history: "
-        return f"{title} follows from {item} in your history, not from your stated preferences: "
-    return f"{title} suits your taste for {clean_text(req.preferences[p.main_index], 80)}: "
+            return f"{title} comes from your history. Like {item}, it "
+        return f"{title} comes from your history, not from your stated preferences. Like {item}, it "
+    return f"{title} suits your taste for {clean_text(req.preferences[p.main_index], 80)}: it "
 
 
 def _js(text: str) -> str:
@@ -470,11 +475,11 @@ def template_explanation(req: ExplainRequest, s: ExplainSettings, raw: str = "",
     head = reason_head(req, p)
     ev_ids = [e[0] for e in p.evidence]
     if p.history_mode:
-        body = ("the recommender scored it from these history items"
-                + (f" ({', '.join(t for _, t, _ in p.evidence)})" if p.evidence else "") + ".")
+        body = ("is scored from these history items"
+                + (f": {', '.join(t for _, t, _ in p.evidence)}" if p.evidence else "") + ".")
     else:
         also = [clean_text(req.preferences[k], 80) for k in p.order if p.labels[k] == "also"]
-        body = (f"that preference adds {req.pref_contrib[p.main_index]:+.2f} to its score"
+        body = (f"is ranked by that preference, which adds {req.pref_contrib[p.main_index]:+.2f} to its score"
                 + (f", helped by {', '.join(also)}" if also else "") + ".")
     return _explanation(req, s, p, because="", reason_free="", evidence_ids=ev_ids, fit=[], llm_likelihood="",
                         source="template", format_ok=False, raw=raw, new_tokens=new_tokens, attempts=attempts,

@@ -44,9 +44,9 @@ def test_structure_holds_and_checks_are_computed(llm, capsys, ml100k_dir, run_di
     assert summary["rows"] == 3 and summary["source"] == {"llm": 3, "template": 0}, [r["raw"] for r in table]
     cat = read_parquet(run_dir / "data" / "catalog.parquet")
     titles = dict(zip(cat["item_id"].to_pylist(), cat["title"].to_pylist(), strict=True))
-    heads = [f"{titles[3]} suits your taste for animated family comedies: ",
-             f"{titles[2]} suits your taste for feel-good animation: ",
-             f"{titles[1]} follows from {titles[3]} in your history, not from your stated preferences: "]
+    heads = [f"{titles[3]} suits your taste for animated family comedies: it ",
+             f"{titles[2]} suits your taste for feel-good animation: it ",
+             f"{titles[1]} comes from your history, not from your stated preferences. Like {titles[3]}, it "]
     for row, head in zip(table, heads, strict=True):
         assert row["reason"].startswith(head) and row["reason_free"] and row["because"], row["raw"]
         assert all(titles[i] in row["steps"][1] for i in row["evidence_item_ids"])
@@ -68,5 +68,5 @@ def test_injected_title_keeps_structure_and_main_preference(llm):
     (e,) = explain_batch(reqs, llm, ExplainSettings(**{**SETTINGS.__dict__, "max_retries": 0}))
     assert e.source == "llm" and e.format_ok, e.raw
     assert e.main_preference == "crime thrillers"
-    assert e.reason.startswith(f"{INJECTION} suits your taste for crime thrillers: ")
+    assert e.reason.startswith(f"{INJECTION} suits your taste for crime thrillers: it ")
     assert explain_template(reqs[0], SETTINGS).matches(e.raw.split(EXPLAIN_PREFILL, 1)[1])
