@@ -111,6 +111,11 @@ def kcore(users: np.ndarray, items: np.ndarray, user_k: int, item_k: int) -> tup
             return keep, rounds
 
 
+def _count_true(mask: pa.Array | pa.ChunkedArray) -> int:
+    """True values of a boolean mask (0 for an empty one, where Arrow's sum is null)."""
+    return int(pc.sum(mask).as_py() or 0)
+
+
 def prepare(raw: RawDataset, cfg: DataConfig, default_kcore: tuple[int, int] = (0, 0)) -> PreparedDataset:
     """Turn a :class:`RawDataset` into the canonical, filtered, ordered tables (see module docstring)."""
     report: dict[str, Any] = {f"raw_{k}": v for k, v in raw.dropped.items()}
@@ -145,14 +150,14 @@ def prepare(raw: RawDataset, cfg: DataConfig, default_kcore: tuple[int, int] = (
     # --- interactions ---------------------------------------------------------------------------------
     inter = raw.interactions.append_column("_row", pa.array(np.arange(raw.interactions.num_rows), pa.int64()))
     known = pc.is_in(inter["item_id"], value_set=cat["item_id"])
-    report["interactions_unknown_item"] = int(inter.num_rows - pc.sum(known).as_py()) if inter.num_rows else 0
+    report["interactions_unknown_item"] = inter.num_rows - _count_true(known)
     inter = inter.filter(known)
     if cfg.min_rating is not None:
         if "rating" not in inter.column_names:
             report["interactions_below_min_rating"] = 0
         else:
             ok = pc.fill_null(pc.greater_equal(inter["rating"], cfg.min_rating), False)
-            report["interactions_below_min_rating"] = int(inter.num_rows - pc.sum(ok).as_py())
+            report["interactions_below_min_rating"] = inter.num_rows - _count_true(ok)
             inter = inter.filter(ok)
     # exact duplicates (same user, item and time) are one event logged twice
     u = inter["user_id"].to_numpy()
@@ -196,7 +201,7 @@ def prepare(raw: RawDataset, cfg: DataConfig, default_kcore: tuple[int, int] = (
     inter = inter.take(pa.array(order)).drop_columns(["_row"])
 
     used = pc.is_in(cat["item_id"], value_set=pc.unique(inter["item_id"]))
-    report["catalog_items_without_interactions"] = int(cat.num_rows - pc.sum(used).as_py())
+    report["catalog_items_without_interactions"] = cat.num_rows - _count_true(used)
     if not cfg.keep_cold_items:
         cat = cat.filter(used)
     cat = cat.take(pc.sort_indices(cat, [("item_id", "ascending")]))
