@@ -15,7 +15,7 @@ score most (``history_contrib``). The prompt states that computation, and the LL
 
 The reply is constrained per row by a :class:`~lane_ray.llm.backend.Template` (:func:`explain_template`)::
 
-    {"reason": "<target title> suits your taste for <main preference>: <free>",
+    {"reason": "<target title> suits your taste for <main preference>: it <free>",
      "evidence": "<one of the offered history titles>", "because": "because <free>"
      [, "fit": [<m choices>], "likelihood": "<low|medium|high>"]}      (judge mode only)
 
@@ -331,13 +331,15 @@ def avoid_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) 
     keep = set(_words(req.target.title)) | set(_words(req.target.genres or "")) | set(_words(s.item_noun))
     keep |= _COMMON_WORDS
     if p.history_mode:
-        cited = list(range(len(req.preferences)))
-        for item in req.evidence:
-            keep |= set(_words(item.title)) | set(_words(item.genres or ""))
+        uncited = list(range(len(req.preferences)))
+        shown = {e[0] for e in p.evidence}
+        for iid, item in zip(req.evidence_ids, req.evidence, strict=False):
+            if int(iid) in shown:
+                keep |= set(_words(item.title)) | set(_words(item.genres or ""))
     else:
-        cited = [k for k in range(len(req.preferences)) if k != p.main_index]
+        uncited = [k for k in range(len(req.preferences)) if k != p.main_index]
         keep |= set(_words(req.preferences[p.main_index]))
-    words = {w for k in cited for w in _words(clean_text(req.preferences[k], 80)) if len(w) >= 3 and w.isalpha()}
+    words = {w for k in uncited for w in _words(clean_text(req.preferences[k], 80)) if len(w) >= 3 and w.isalpha()}
     return tuple(sorted(w for w in words if not any(_blocks(w, k) for k in keep)))
 
 
