@@ -76,6 +76,14 @@ class FreeText:
     avoid: tuple[str, ...] = ()
 
 
+def spells(word: str, words: tuple[str, ...]) -> bool:
+    """Whether a (partial) word spells one of ``words`` (lower-case): it is one of them, or, for words of four
+    letters or more, it is their first four letters or more, or it extends one ("dram", "drama", "dramas" for
+    "drama"; "dra" and "dream" stay allowed: shorter fragments begin too many other words)."""
+    return any(word == w or (len(w) >= 4 and ((len(word) >= 4 and w.startswith(word)) or word.startswith(w)))
+               for w in words)
+
+
 @dataclass(frozen=True)
 class Choice:
     """Exactly one of ``options`` (fixed strings, e.g. genre names or ``low|medium|high``). ``distinct``: an

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from lane_ray.llm.backend import Choice, FreeText, GenerationParams, LLMBackend, Template, Text
+from lane_ray.llm.backend import Choice, FreeText, GenerationParams, LLMBackend, Template, Text, spells
 from lane_ray.llm.parsing import extract_json
 from lane_ray.llm.prompts import HistoryItem, clean_text, trim_history
 
@@ -313,12 +313,6 @@ def _js(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
-def _blocks(avoided: str, word: str) -> bool:
-    """Whether avoiding ``avoided`` would also refuse ``word`` (the rule of :class:`FreeText.avoid`: the same
-    word, a prefix of it of four or more letters, or an extension of it)."""
-    return word == avoided or word.startswith(avoided) or (len(word) >= 4 and avoided.startswith(word))
-
-
 def avoid_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> tuple[str, ...]:
     """The words the free parts may not write (``avoid_unused``): those of the preferences the row does not
     cite (all of them when it cites history items), except the words of what it does cite (the main
@@ -340,7 +334,7 @@ def avoid_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) 
         uncited = [k for k in range(len(req.preferences)) if k != p.main_index]
         keep |= set(_words(req.preferences[p.main_index]))
     words = {w for k in uncited for w in _words(clean_text(req.preferences[k], 80)) if len(w) >= 3 and w.isalpha()}
-    return tuple(sorted(w for w in words if not any(_blocks(w, k) for k in keep)))
+    return tuple(sorted(w for w in words if not any(spells(k, (w,)) for k in keep)))
 
 
 def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> Template:

@@ -24,6 +24,7 @@ from lane_ray.llm.backend import (
     Template,
     Text,
     per_row,
+    spells,
 )
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -68,14 +69,6 @@ def llm_id(name_or_path: str) -> str:
     for f in files:
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return f"{Path(gguf).stem if gguf else folder.name}@{h.hexdigest()[:12]}"
-
-
-def spells(word: str, words: tuple[str, ...]) -> bool:
-    """Whether a (partial) word spells one of ``words`` (lower-case): it is one of them, or, for words of four
-    letters or more, it is their first four letters or more, or it extends one ("dram", "drama", "dramas" for
-    "drama"; "dra" and "dream" stay allowed: shorter fragments begin too many other words)."""
-    return any(word == w or (len(w) >= 4 and ((len(word) >= 4 and w.startswith(word)) or word.startswith(w)))
-               for w in words)
 
 
 def _letters(text: str) -> tuple[str, str]:
