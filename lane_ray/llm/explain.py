@@ -43,6 +43,7 @@ from typing import Any
 
 from lane_ray.llm.backend import Choice, FreeText, GenerationParams, LLMBackend, Template, Text, spells
 from lane_ray.llm.parsing import extract_json
+from lane_ray.llm.preferences import CONNECTORS
 from lane_ray.llm.prompts import HistoryItem, clean_text, trim_history
 
 EXPLAIN_PROMPT_VERSION = "explain-v3"
@@ -55,9 +56,10 @@ SOURCES = ("llm", "template")
 # Lower-case letters (Latin-1 accents included), space and sentence punctuation: words, not digit runs, years
 # or copied titles (a title starts with a capital letter; no quote marks either).
 FREE_CHARS = string.ascii_lowercase + "àáâäãåæçèéêëìíîïñòóôöõøùúûüýÿß" + " ,.;:!?&-"
-# Words a free part may always write, even where another preference uses them: too common to state a reason.
-_COMMON_WORDS = frozenset({"the", "and", "for", "with", "about", "set", "full", "that", "feel", "from", "this",
-                           "your", "you", "its", "are", "has", "have", "like", "film", "films", "movie", "movies"})
+# Words a free part may always write, even where another preference uses them: too common to state a reason
+# (the connectors every grounded preference opens with among them).
+_COMMON_WORDS = frozenset({"the", "and", "for", "from", "this", "your", "you", "its", "are", "has", "have", "like",
+                           "film", "films", "movie", "movies", *(w for c in CONNECTORS for w in c.split())})
 
 # The "because" clause opens with this fixed word; no check reads it.
 WHY_OPENING = "because "
