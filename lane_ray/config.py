@@ -269,7 +269,7 @@ class PreferencesConfig(_LLMActors):
     with_attributes: bool = Field(True, description="Show genres and year next to titles where the dataset has them.")
     item_noun: str = Field("movies", description="What the items are called in the prompt and in fallbacks.")
     max_retries: int = Field(2, ge=0, description="Rounds that re-sample rejected slots (new seed, hotter).")
-    max_slot_tokens: int = Field(6, ge=3, description="Free tokens of one preference after its fixed opening "
+    max_slot_tokens: int = Field(4, ge=3, description="Free tokens of one preference after its fixed opening "
                                  "(category and connector) during constrained decoding.")
     min_slot_tokens: int = Field(2, ge=1, description="Free tokens a preference needs before it may end.")
     grounding: Literal["vocabulary", "free"] = Field(

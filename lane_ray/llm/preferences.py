@@ -79,7 +79,7 @@ class ExtractionSettings:
     with_attributes: bool = True
     item_noun: str = "movies"
     max_retries: int = 2
-    max_slot_tokens: int = 6
+    max_slot_tokens: int = 4
     min_slot_tokens: int = 2
     vocabulary: tuple[str, ...] = ()  # each preference opens with one of the user's own terms (empty: free text)
     vocabulary_share: tuple[float, ...] = ()
