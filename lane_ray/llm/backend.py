@@ -74,6 +74,11 @@ class FreeText:
     # text is one of them, begins with four or more of their letters, or extends one ("dramas"); the
     # transformers backend enforces it token by token, other engines ignore it
     avoid: tuple[str, ...] = ()
+    # lower-case words the text is steered towards (e.g. the words of the reason it must state): a token that
+    # writes the next letters of one of them gets ``prefer_bias`` added to its logit. A soft push, not a rule:
+    # the model may still write other words (transformers backend only, like ``avoid``)
+    prefer: tuple[str, ...] = ()
+    prefer_bias: float = 0.0
 
 
 def spells(word: str, words: tuple[str, ...]) -> bool:
@@ -84,6 +89,12 @@ def spells(word: str, words: tuple[str, ...]) -> bool:
                for w in words)
 
 
+def heads_towards(word: str, words: tuple[str, ...]) -> bool:
+    """Whether a (partial) word of two letters or more is on the way to one of ``words``: it is one of them or
+    a prefix of one (``"dra"``, ``"drama"`` for ``"drama"``; not ``"dramas"`` or ``"d"``)."""
+    return len(word) >= 2 and any(w.startswith(word) for w in words)
+
+
 @dataclass(frozen=True)
 class Choice:
     """Exactly one of ``options`` (fixed strings, e.g. genre names or ``low|medium|high``). ``distinct``: an
@@ -92,10 +103,17 @@ class Choice:
 
     options: tuple[str, ...]
     distinct: bool = False
+    # options the pick is steered towards: the tokens on the way to one of them get ``prefer_bias`` added to
+    # their logit. A soft push, not a rule: any option may still be picked (transformers backend only)
+    prefer: tuple[str, ...] = ()
+    prefer_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.options or any(not o for o in self.options):
             raise ValueError("Choice needs at least one non-empty option")
+        unknown = sorted(set(self.prefer) - set(self.options))
+        if unknown:
+            raise ValueError(f"Choice.prefer names options it does not offer: {unknown}")
 
 
 Segment = Text | FreeText | Choice

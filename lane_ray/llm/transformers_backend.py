@@ -23,6 +23,7 @@ from lane_ray.llm.backend import (
     Messages,
     Template,
     Text,
+    heads_towards,
     per_row,
     spells,
 )
@@ -124,6 +125,35 @@ class TokenVocabulary:
         self._masks: dict[tuple[str, tuple[str, ...]], Any] = {("", ()): content}
         self._bans: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         self._runs: list[tuple[int, str]] | None = None
+        self._word_starts: dict[tuple[str, ...], list[int]] = {}
+        self._towards: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+
+    def _letter_runs(self) -> list[tuple[int, str]]:
+        """(token, leading letter run) of the tokens that continue a word: those starting with a letter."""
+        if self._runs is None:
+            self._runs = [(i, _letters(p)[0]) for i, p in enumerate(self.pieces) if p and p[0].isalpha()]
+        return self._runs
+
+    def towards(self, word: str, prefer: tuple[str, ...]) -> list[int]:
+        """Tokens that write the next letters of a word of ``prefer`` (:func:`heads_towards`): those that start
+        a new word on the way to one (" dra", " drama"), and those that, glued to the partial ``word`` being
+        written ("" at a word boundary), continue it towards one ("dr" + "ama")."""
+        if prefer not in self._word_starts:
+            starts = []
+            for i, piece in enumerate(self.pieces):
+                if piece and not piece[0].isalpha():  # a leading space or punctuation: the token starts a word
+                    t = piece.lower()
+                    while t and not t[0].isalpha():
+                        t = t[1:]
+                    if t and heads_towards(_letters(t)[0], prefer):
+                        starts.append(i)
+            self._word_starts[prefer] = starts
+        key = (word, prefer)
+        if key not in self._towards:
+            glued = [i for i, run in self._letter_runs() if heads_towards(word + run, prefer)] \
+                if any(w.startswith(word) for w in prefer) else []
+            self._towards[key] = sorted(set(self._word_starts[prefer]) | set(glued))
+        return self._towards[key]
 
     def continuation_ban(self, word: str, avoid: tuple[str, ...]) -> list[int]:
         """Tokens that, glued to the partial ``word`` being written, would spell a word of ``avoid``
@@ -133,9 +163,7 @@ class TokenVocabulary:
         if key not in self._bans:
             ban: list[int] = []
             if any(w.startswith(word) for w in avoid):
-                if self._runs is None:  # tokens that continue a word: those starting with a letter
-                    self._runs = [(i, _letters(p)[0]) for i, p in enumerate(self.pieces) if p and p[0].isalpha()]
-                ban = [i for i, run in self._runs if spells(word + run, avoid)]
+                ban = [i for i, run in self._letter_runs() if spells(word + run, avoid)]
             self._bans[key] = ban
         return self._bans[key]
 
@@ -267,7 +295,7 @@ class TemplateProcessor:
             else:
                 if self.used[row]:
                     self.bigrams[row].setdefault(self.used[row][-1], set()).add(tok)
-                if seg.avoid:
+                if seg.avoid or seg.prefer:
                     piece = self.v.pieces[tok] if tok < len(self.v.pieces) else ""
                     lead, tail = _letters(piece)
                     self.word[row] = (self.word[row] + piece.lower() if lead == piece.lower() else tail)
@@ -363,7 +391,29 @@ class TemplateProcessor:
                 if allowed.shape[0] < width:  # the model's head may be wider than the tokenizer
                     allowed = torch.cat([allowed, allowed.new_zeros(width - allowed.shape[0])])
                 scores[row].masked_fill_(~allowed[:width], neg)
+                boost = self._preferred(row)
+                if boost:
+                    seg = self.segs[row][self.seg[row]]
+                    idx = torch.tensor(boost, device=scores.device)
+                    scores[row, idx] = torch.where(allowed[idx], scores[row, idx] + seg.prefer_bias, scores[row, idx])
         return scores
+
+    def _preferred(self, row: int) -> list[int]:
+        """Tokens that get the segment's ``prefer_bias`` at this step: in a free text those on the way to a
+        ``prefer`` word (:meth:`TokenVocabulary.towards`), in a choice those on the way to a ``prefer`` option."""
+        i = self.seg[row]
+        seg = self.segs[row][i] if i < len(self.segs[row]) else None
+        if isinstance(seg, (FreeText, Choice)) and seg.prefer and seg.prefer_bias:
+            if isinstance(seg, FreeText):
+                return self.v.towards(self.word[row], seg.prefer)
+            node = self.node[row]
+            return [t for t in node if t is not None and _reaches(node[t], seg.prefer)]
+        return []
+
+
+def _reaches(node: dict, options: tuple[str, ...]) -> bool:
+    """Whether a :meth:`TokenVocabulary.trie` node leads to one of ``options``."""
+    return any(_reaches(v, options) if k is not None else v in options for k, v in node.items())
 
 
 class TransformersBackend:

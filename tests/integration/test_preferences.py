@@ -178,6 +178,39 @@ def test_free_text_avoids_words(llm):
             assert words and not any(spells(w, avoid) for w in words), g.text
 
 
+def test_free_text_prefer_bias_steers_towards_words(llm):
+    # as in an explanation, the prompt names the words; the same seeds with and without the push towards them
+    prefer = ("ocean", "pirates")
+    prompt = "Describe a good movie in a few words, for example one about the ocean or pirates."
+    conversations = [[{"role": "user", "content": prompt}]] * 8
+
+    def hits(bias: float) -> int:
+        template = Template((FreeText(6, 10, SLOT_CHARS, (), prefer, bias), Text('"')))
+        gens = llm.generate(conversations, GenerationParams(max_new_tokens=14, temperature=0.7, seed=5),
+                            prefill='"', constraint=template)
+        assert all(template.matches(g.text) for g in gens), [g.text for g in gens]
+        return sum(any(w in g.text for w in prefer) for g in gens)
+
+    unsteered, steered = hits(0.0), hits(3.0)
+    assert steered >= 7 and steered > unsteered, (unsteered, steered)
+
+
+def test_choice_prefer_bias_steers_the_pick_and_keeps_every_option(llm):
+    options = ("Heat", "Casino", "The Usual Suspects", "Toy Story")
+    conversations = [[{"role": "user", "content": "Which movie should I watch tonight? Answer with its title."}]] * 8
+
+    def picks(bias: float) -> list[str]:
+        template = Template((Choice(options, prefer=("Toy Story",), prefer_bias=bias), Text('"')))
+        gens = llm.generate(conversations, GenerationParams(max_new_tokens=8, temperature=1.0, seed=3),
+                            prefill='"', constraint=template)
+        assert all(template.matches(g.text) for g in gens), [g.text for g in gens]
+        return [g.text[:-1] for g in gens]
+
+    unsteered, steered = picks(0.0), picks(6.0)
+    assert steered.count("Toy Story") > unsteered.count("Toy Story"), (unsteered, steered)
+    assert set(unsteered) <= set(options) and set(steered) <= set(options)
+
+
 @pytest.mark.parametrize(("lo", "hi"), [(4, 4), (0, 3), (3, 6)])
 def test_free_text_token_bounds(llm, lo, hi):
     # the reply is the free text, then the closing quote (EOS is the pad token, so not counted)

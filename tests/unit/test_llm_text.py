@@ -279,3 +279,14 @@ def test_score_mode_ranks_by_pmi_with_one_call_and_gives_status_ok():
 def test_parser_never_raises(text):
     check, _ = parse_preferences(text, 5, ["Toy Story"])
     assert len(check.accepted) <= 5
+
+
+def test_preferred_words_are_prefixes_of_two_letters_or_more_and_choices_prefer_only_their_options():
+    from lane_ray.llm.backend import Choice, heads_towards
+
+    words = ("drama", "war")
+    assert heads_towards("dr", words) and heads_towards("drama", words) and heads_towards("wa", words)
+    assert not heads_towards("d", words) and not heads_towards("dramas", words) and not heads_towards("x", words)
+    assert Choice(("Heat", "Casino"), prefer=("Heat",), prefer_bias=3.0).prefer == ("Heat",)
+    with pytest.raises(ValueError, match="does not offer"):
+        Choice(("Heat", "Casino"), prefer=("Alien",))
