@@ -346,6 +346,15 @@ class ExplainConfig(_LLMActors):
     avoid_unused: bool = Field(
         True, description="The free parts may not write the words of the preferences the explanation does not "
         "cite (all of them when it cites history items), so the text cannot give a reason the model did not use.")
+    cite_bias: float = Field(
+        5.0, ge=0, description="Logit bonus of the tokens that write a word of what the explanation cites (the "
+        "main preference's distinctive words, or the genres of the history item the reason names) in the free "
+        "parts, until the word is written: a soft push towards stating the model's reason, not a rule (0 = off; "
+        "transformers backend only).")
+    evidence_bias: float = Field(
+        3.0, ge=0, description="Logit bonus of the evidence options with a positive history_contrib (the items "
+        "the model used) when the LLM picks the evidence title: a soft push, the recent decoys stay pickable "
+        "(0 = off; transformers backend only).")
     also_share: float = Field(
         0.25, ge=0, le=1, description="Label 'also': a positive pref_contrib of at least this share of the main "
         "(largest) one; smaller or non-positive ones are 'unused'.")

@@ -75,8 +75,9 @@ class FreeText:
     # transformers backend enforces it token by token, other engines ignore it
     avoid: tuple[str, ...] = ()
     # lower-case words the text is steered towards (e.g. the words of the reason it must state): a token that
-    # writes the next letters of one of them gets ``prefer_bias`` added to its logit. A soft push, not a rule:
-    # the model may still write other words (transformers backend only, like ``avoid``)
+    # writes the next letters of one of them gets ``prefer_bias`` added to its logit, until the output's free
+    # texts have written the word once. A soft push, not a rule: the model may still write other words
+    # (transformers backend only, like ``avoid``)
     prefer: tuple[str, ...] = ()
     prefer_bias: float = 0.0
 
@@ -93,6 +94,22 @@ def heads_towards(word: str, words: tuple[str, ...]) -> bool:
     """Whether a (partial) word of two letters or more is on the way to one of ``words``: it is one of them or
     a prefix of one (``"dra"``, ``"drama"`` for ``"drama"``; not ``"dramas"`` or ``"d"``)."""
     return len(word) >= 2 and any(w.startswith(word) for w in words)
+
+
+def unwritten(prefer: tuple[str, ...], text: str) -> tuple[str, ...]:
+    """The words of ``prefer`` that ``text`` (the row's free texts so far) has not written yet: a word counts as
+    written when a finished word of the text is it or shares its first four letters ("romantic" for
+    "romance"). The push ends once the word is there; pushing on only makes the model write variants of it
+    (a free text may not repeat a token)."""
+    words, cur = [], ""
+    for ch in text:
+        if ch.isalpha():
+            cur += ch
+        elif cur:
+            words.append(cur)
+            cur = ""
+    return tuple(w for w in prefer
+                 if not any(x == w or (min(len(x), len(w)) >= 4 and x[:4] == w[:4]) for x in words))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from lane_ray.llm.parsing import extract_json
 from lane_ray.llm.preferences import CONNECTORS
 from lane_ray.llm.prompts import HistoryItem, clean_text, trim_history
 
-EXPLAIN_PROMPT_VERSION = "explain-v3"
+EXPLAIN_PROMPT_VERSION = "explain-v4"
 
 LIKELIHOODS = ("low", "medium", "high")
 FIT_OPTIONS = tuple(f"{k / 10:.1f}" for k in range(11))  # "0.0", "0.1", ..., "1.0": prefix-free
@@ -94,6 +94,8 @@ class ExplainSettings:
     min_reason_tokens: int = 4
     free_chars: str = FREE_CHARS  # the only characters the free parts may use ("" = any)
     avoid_unused: bool = True  # the free parts may not write the words of preferences the row does not cite
+    cite_bias: float = 5.0  # logit bonus of tokens that write a word of what the row cites, until written (0 = off)
+    evidence_bias: float = 3.0  # logit bonus of the evidence options the attribution supports (0 = off)
     max_retries: int = 1  # re-sampling rounds for replies that do not parse
     temperature: float = 0.3
     retry_temperature_step: float = 0.3
@@ -317,10 +319,11 @@ def _js(text: str) -> str:
 
 def avoid_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> tuple[str, ...]:
     """The words the free parts may not write (``avoid_unused``): those of the preferences the row does not
-    cite (all of them when it cites history items), except the words of what it does cite (the main
-    preference, or the evidence titles and their genres), of the target (title, genres) and common words.
-    So the text cannot state a reason the model's attribution does not give. It can still be generic, or
-    name a category that no preference states: the checks measure both."""
+    cite (all of them when it cites history items) and the genres of the user's history, except the words of
+    what it does cite (the main preference, or the evidence titles and the genres of the item the reason
+    names), of the target (title, genres) and common words. So the text cannot state a reason the model's
+    attribution does not give. It can still be generic, or name a genre the prompt never showed: the checks
+    measure both."""
     p = p or plan(req, s)
     if not s.avoid_unused or not req.preferences:
         return ()
@@ -328,31 +331,69 @@ def avoid_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) 
     keep |= _COMMON_WORDS
     if p.history_mode:
         uncited = list(range(len(req.preferences)))
-        shown = {e[0] for e in p.evidence}
-        for iid, item in zip(req.evidence_ids, req.evidence, strict=False):
-            if int(iid) in shown:
-                keep |= set(_words(item.title)) | set(_words(item.genres or ""))
+        keep |= {w for _, t, _ in p.evidence for w in _words(t)}
+        keep |= set(_words(_named_item(req, p).genres or ""))
     else:
         uncited = [k for k in range(len(req.preferences)) if k != p.main_index]
         keep |= set(_words(req.preferences[p.main_index]))
-    words = {w for k in uncited for w in _words(clean_text(req.preferences[k], 80)) if len(w) >= 3 and w.isalpha()}
-    return tuple(sorted(w for w in words if not any(spells(k, (w,)) for k in keep)))
+    words = {w for k in uncited for w in _words(clean_text(req.preferences[k], 80))}
+    words |= {w for h in req.history for w in _words(h.genres or "")}
+    return tuple(sorted(w for w in words if len(w) >= 3 and w.isalpha() and not any(spells(k, (w,)) for k in keep)))
+
+
+def _named_item(req: ExplainRequest, p: Plan) -> HistoryItem:
+    """The history item the reason names when it cites history items (the main evidence item); an empty item
+    when there is none."""
+    if p.evidence:
+        for iid, item in zip(req.evidence_ids, req.evidence, strict=False):
+            if int(iid) == p.evidence[0][0]:
+                return item
+    return HistoryItem("")
+
+
+def cite_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> tuple[str, ...]:
+    """The words the free parts are steered towards (``cite_bias``): the content words of the main preference
+    that no other preference carries (all its content words when every one is shared), or, citing history
+    items, the genres of the item the reason names (those the target shares first). Common words and the
+    preference connectors are left out: they state no reason."""
+    p = p or plan(req, s)
+    if not s.cite_bias:
+        return ()
+    if p.history_mode:
+        target = set(_words(req.target.genres or ""))
+        genres = _words(_named_item(req, p).genres or "")
+        words = [w for w in genres if w in target] or genres
+        out = dict.fromkeys(w for w in words if len(w) >= 3 and w.isalpha() and w not in _COMMON_WORDS)
+        return tuple(sorted(out))
+    # the words that set the main preference apart from the others first: preferences that share a genre
+    # ("Drama movies about ...", "Drama movies set in ...") differ only in them
+    own = [w for w in dict.fromkeys(_words(clean_text(req.preferences[p.main_index], 80)))
+           if len(w) >= 3 and w.isalpha() and w not in _COMMON_WORDS]
+    others = {w for k, t in enumerate(req.preferences) if k != p.main_index for w in _words(clean_text(t, 80))}
+    return tuple(sorted([w for w in own if w not in others] or own))
 
 
 def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> Template:
     """The constraint on the text after :data:`EXPLAIN_PREFILL` for one row: the reason's fixed head
     (:func:`reason_head`: the target's title and the main preference or evidence item) then its free body,
     the evidence as a choice among the offered history titles, the "because" clause (free), and in judge
-    mode ``m`` fit choices and a likelihood choice. The free parts use ``free_chars`` only and never write
-    :func:`avoid_words`."""
+    mode ``m`` fit choices and a likelihood choice. The free parts use ``free_chars`` only, never write
+    :func:`avoid_words` and are steered towards :func:`cite_words` by ``cite_bias``; the evidence choice is
+    steered towards the items with a positive contribution by ``evidence_bias``."""
     p = p or plan(req, s)
     avoid = avoid_words(req, s, p)
+    prefer = tuple(w for w in cite_words(req, s, p) if not spells(w, avoid))
+    titles = {t for _, t in p.options}
     segs: list[Any] = [
         Text(_js(reason_head(req, p))),
-        FreeText(min(s.min_reason_tokens, s.max_reason_tokens), s.max_reason_tokens, s.free_chars, avoid),
-        Text('", "evidence": "'), Choice(tuple(_js(t) for _, t in p.options)),
+        FreeText(min(s.min_reason_tokens, s.max_reason_tokens), s.max_reason_tokens, s.free_chars, avoid,
+                 prefer, s.cite_bias),
+        Text('", "evidence": "'), Choice(tuple(_js(t) for _, t in p.options),
+                                        prefer=tuple(_js(t) for _, t, _ in p.evidence if t in titles),
+                                        prefer_bias=s.evidence_bias),
         Text('", "because": "' + WHY_OPENING),
-        FreeText(min(s.min_why_tokens, s.max_why_tokens), s.max_why_tokens, s.free_chars, avoid)]
+        FreeText(min(s.min_why_tokens, s.max_why_tokens), s.max_why_tokens, s.free_chars, avoid, prefer,
+                 s.cite_bias)]
     if s.mode == "judge":
         m = len(req.preferences)
         segs.append(Text('", "fit": ['))
@@ -554,6 +595,6 @@ def counterfactual(req: ExplainRequest, s: ExplainSettings) -> ExplainRequest | 
 
 __all__ = ["EXPLAIN_PREFILL", "EXPLAIN_PROMPT_VERSION", "FIT_OPTIONS", "FREE_CHARS", "LABELS", "LIKELIHOODS", "MODES",
            "WHY_OPENING", "ExplainRequest", "ExplainSettings", "Explanation", "Plan", "alternative_index",
-           "avoid_words", "cites_history", "counterfactual", "explain_batch", "explain_messages", "explain_template",
-           "label_preferences", "likelihood_bucket", "max_new_tokens", "parse_reply", "plan", "reason_head",
-           "template_explanation"]
+           "avoid_words", "cite_words", "cites_history", "counterfactual", "explain_batch", "explain_messages",
+           "explain_template", "label_preferences", "likelihood_bucket", "max_new_tokens", "parse_reply", "plan",
+           "reason_head", "template_explanation"]

@@ -107,7 +107,9 @@ class Vocabulary:
 def _supported(row: Mapping[str, Any], vocab: Vocabulary) -> tuple[set[str], set[int]]:
     genres, decades = vocab.item_attributes(row["item_id"])
     if row.get("cites_history"):
-        for i in row.get("evidence_item_ids") or []:
+        # the cited items: the one the reason names (the main evidence item, first of the valid options) and
+        # the picked evidence
+        for i in [*(row.get("valid_item_ids") or [])[:1], *(row.get("evidence_item_ids") or [])]:
             g, d = vocab.item_attributes(i)
             genres |= g
             decades |= d

@@ -26,6 +26,7 @@ from lane_ray.llm.backend import (
     heads_towards,
     per_row,
     spells,
+    unwritten,
 )
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -125,7 +126,8 @@ class TokenVocabulary:
         self._masks: dict[tuple[str, tuple[str, ...]], Any] = {("", ()): content}
         self._bans: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         self._runs: list[tuple[int, str]] | None = None
-        self._word_starts: dict[tuple[str, ...], list[int]] = {}
+        self._word_starts: dict[str, list[int]] = {}
+        self._glued: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         self._towards: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     def _letter_runs(self) -> list[tuple[int, str]]:
@@ -137,23 +139,36 @@ class TokenVocabulary:
     def towards(self, word: str, prefer: tuple[str, ...]) -> list[int]:
         """Tokens that write the next letters of a word of ``prefer`` (:func:`heads_towards`): those that start
         a new word on the way to one (" dra", " drama"), and those that, glued to the partial ``word`` being
-        written ("" at a word boundary), continue it towards one ("dr" + "ama")."""
-        if prefer not in self._word_starts:
+        written ("" at a word boundary), continue it towards one ("dr" + "ama"). Cached per word of ``prefer``
+        (rows steer towards different and shrinking sets of words)."""
+        key = (word, prefer)
+        if key not in self._towards:
+            out: set[int] = set()
+            for w in prefer:
+                out.update(self._word_starts_towards(w))
+                if w.startswith(word):
+                    out.update(self._glued_towards(word, w))
+            self._towards[key] = sorted(out)
+        return self._towards[key]
+
+    def _word_starts_towards(self, w: str) -> list[int]:
+        if w not in self._word_starts:
             starts = []
             for i, piece in enumerate(self.pieces):
                 if piece and not piece[0].isalpha():  # a leading space or punctuation: the token starts a word
                     t = piece.lower()
                     while t and not t[0].isalpha():
                         t = t[1:]
-                    if t and heads_towards(_letters(t)[0], prefer):
+                    if t and heads_towards(_letters(t)[0], (w,)):
                         starts.append(i)
-            self._word_starts[prefer] = starts
-        key = (word, prefer)
-        if key not in self._towards:
-            glued = [i for i, run in self._letter_runs() if heads_towards(word + run, prefer)] \
-                if any(w.startswith(word) for w in prefer) else []
-            self._towards[key] = sorted(set(self._word_starts[prefer]) | set(glued))
-        return self._towards[key]
+            self._word_starts[w] = starts
+        return self._word_starts[w]
+
+    def _glued_towards(self, word: str, w: str) -> list[int]:
+        key = (word, (w,))
+        if key not in self._glued:
+            self._glued[key] = [i for i, run in self._letter_runs() if heads_towards(word + run, (w,))]
+        return self._glued[key]
 
     def continuation_ban(self, word: str, avoid: tuple[str, ...]) -> list[int]:
         """Tokens that, glued to the partial ``word`` being written, would spell a word of ``avoid``
@@ -231,6 +246,7 @@ class TemplateProcessor:
         self.count = [0] * batch_size
         self.used: list[list[int]] = [[] for _ in range(batch_size)]
         self.word = [""] * batch_size  # the partial word a free text ends with (for FreeText.avoid)
+        self.written = [""] * batch_size  # the row's free texts so far (for FreeText.prefer)
         self.picked: list[dict[tuple[str, ...], set[str]]] = [{} for _ in range(batch_size)]
         self.bigrams: list[dict[int, set[int]]] = [{} for _ in range(batch_size)]
         for row in range(batch_size):
@@ -290,6 +306,9 @@ class TemplateProcessor:
             if not self.queue[row]:
                 self._enter(row, i + 1)
         elif isinstance(seg, FreeText):
+            if seg.prefer:
+                self.written[row] += " " if tok == self.v.quote else (
+                    self.v.pieces[tok].lower() if tok < len(self.v.pieces) else " ")
             if tok == self.v.quote:
                 self._enter(row, i + 1, after_quote=True)
             else:
@@ -405,7 +424,8 @@ class TemplateProcessor:
         seg = self.segs[row][i] if i < len(self.segs[row]) else None
         if isinstance(seg, (FreeText, Choice)) and seg.prefer and seg.prefer_bias:
             if isinstance(seg, FreeText):
-                return self.v.towards(self.word[row], seg.prefer)
+                left = unwritten(seg.prefer, self.written[row])
+                return self.v.towards(self.word[row], left) if left else []
             node = self.node[row]
             return [t for t in node if t is not None and _reaches(node[t], seg.prefer)]
         return []

@@ -22,6 +22,7 @@ from lane_ray.llm.explain import (
     ExplainSettings,
     alternative_index,
     avoid_words,
+    cite_words,
     cites_history,
     counterfactual,
     explain_batch,
@@ -167,17 +168,45 @@ def test_free_parts_are_lower_case_and_avoid_the_uncited_preferences():
     req = request()  # main: gritty crime dramas; others: animated family comedies, space adventures
     t = explain_template(req, S)
     free = [seg for seg in t.segments if isinstance(seg, FreeText)]
-    assert all(f.avoid == ("adventures", "animated", "comedies", "family", "space") for f in free)
+    # the uncited preferences' words, and the history's genres that neither the target nor the cited one has
+    assert all(f.avoid == ("action", "adventures", "animated", "animation", "children", "comedies", "comedy",
+                           "family", "space") for f in free)
     assert not t.matches(reply(req, body="a tense story like Heat"))  # a capital: a copied title
     assert not t.matches(reply(req, because="its 1995 mob"))  # digits
     # the target's and the cited preference's own words stay allowed, even where an uncited one shares them
     both = request(prefs=["crime dramas about family", "family comedies", "drama in space"])
-    assert avoid_words(both, S) == ("comedies", "space")
-    hist = request(share=0.0)  # cites history: every preference's words are avoided, but the evidence's
+    assert avoid_words(both, S) == ("action", "animation", "children", "comedies", "comedy", "space")
+    hist = request(share=0.0)  # cites history: every preference's words are avoided, but the named item's genres
     assert cites_history(hist, S)
-    assert "gritty" in avoid_words(hist, S) and "crime" not in avoid_words(hist, S)  # Heat is Action|Crime
+    avoided = avoid_words(hist, S)
+    assert "gritty" in avoided and "crime" not in avoided and "action" not in avoided  # Heat is Action|Crime
+    assert "comedy" in avoided  # the history's other genres
     assert explain_template(req, ExplainSettings(avoid_unused=False)).segments[1].avoid == ()
     assert explain_template(req, ExplainSettings(free_chars="")).matches(reply(req, body="a tense story like Heat"))
+
+
+def test_free_parts_are_steered_towards_what_the_row_cites():
+    req = request()  # main: gritty crime dramas
+    free = [seg for seg in explain_template(req, S).segments if isinstance(seg, FreeText)]
+    assert cite_words(req, S) == ("crime", "dramas", "gritty")
+    assert all(f.prefer == ("crime", "dramas", "gritty") and f.prefer_bias == S.cite_bias for f in free)
+    # the counterfactual moves the steering with the label
+    cf = counterfactual(req, S)
+    alt = plan(cf, S).main_index
+    assert set(cite_words(cf, S)) == {w for w in re.findall(r"[a-z]+", req.preferences[alt].lower()) if len(w) > 2}
+    hist = request(share=0.0)  # citing history: the cited items' genres, those the target shares first
+    assert cites_history(hist, S) and cite_words(hist, S) and not set(cite_words(hist, S)) & set(avoid_words(hist, S))
+    assert explain_template(req, ExplainSettings(cite_bias=0.0)).segments[1].prefer == ()
+    # the evidence choice leans towards the items the model used, the recent decoys stay on offer
+    choice = next(seg for seg in explain_template(req, S).segments if isinstance(seg, Choice))
+    used = tuple(t for _, t, _ in plan(req, S).evidence)
+    assert choice.prefer == used and choice.prefer_bias == S.evidence_bias and set(choice.options) > set(used)
+    assert next(seg for seg in explain_template(req, ExplainSettings(evidence_bias=0.0)).segments
+                if isinstance(seg, Choice)).prefer_bias == 0.0
+    # preferences that share a genre: the words that set the main one apart
+    same = request(prefs=["Drama movies about lost love", "Drama movies set in wartime", "Drama movies about a family"])
+    assert cite_words(same, S) == ("lost", "love")
+    assert cite_words(request(prefs=["drama", "drama films", "dramas"]), S) == ("drama",)
 
 
 def test_injected_title_changes_neither_structure_nor_main_preference():
@@ -304,6 +333,13 @@ def test_unsupported_claims_counts_foreign_genres_and_decades():
     checks = compute_checks([row], vocab=VOCAB)
     assert check_rates([row], checks, vocab=VOCAB)["rates"]["unsupported_claims"] == 0.5
     assert decades_in("the '80s, 1990s and 00s") == [1980, 1990, 2000]
+    # citing history items: the item the reason names (Heat, Action|Crime) and the picked one (Fargo) support
+    hist = request(share=0.0)
+    free = ExplainSettings(avoid_unused=False)
+    row = explain_batch([hist], ScriptedBackend(lambda c, t: reply(hist, "Fargo (1996)", "it is a comedy",
+                                                                   "an action story", s=free)), free)[0].to_row()
+    assert row["cites_history"] and row["evidence_item_ids"] == [3]
+    assert unsupported_claims(row, VOCAB)[:2] == (2, 1)  # action (named item) supported, comedy not
 
 
 def test_judge_agreement_measures():

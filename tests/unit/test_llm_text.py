@@ -282,7 +282,7 @@ def test_parser_never_raises(text):
 
 
 def test_preferred_words_are_prefixes_of_two_letters_or_more_and_choices_prefer_only_their_options():
-    from lane_ray.llm.backend import Choice, heads_towards
+    from lane_ray.llm.backend import Choice, heads_towards, unwritten
 
     words = ("drama", "war")
     assert heads_towards("dr", words) and heads_towards("drama", words) and heads_towards("wa", words)
@@ -290,3 +290,7 @@ def test_preferred_words_are_prefixes_of_two_letters_or_more_and_choices_prefer_
     assert Choice(("Heat", "Casino"), prefer=("Heat",), prefer_bias=3.0).prefer == ("Heat",)
     with pytest.raises(ValueError, match="does not offer"):
         Choice(("Heat", "Casino"), prefer=("Alien",))
+    # the push ends once the text has written the word (or a form sharing its first four letters)
+    assert unwritten(("romance", "war"), "it is a romantic ") == ("war",)
+    assert unwritten(("romance", "war"), "it is a roman") == ("romance", "war")  # not finished yet
+    assert unwritten(("romance", "war"), "a war story ") == ("romance",) and unwritten(("war",), "warm ") == ("war",)
