@@ -383,13 +383,12 @@ def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = N
     p = p or plan(req, s)
     avoid = avoid_words(req, s, p)
     prefer = tuple(w for w in cite_words(req, s, p) if not spells(w, avoid))
-    titles = {t for _, t in p.options}
     segs: list[Any] = [
         Text(_js(reason_head(req, p))),
         FreeText(min(s.min_reason_tokens, s.max_reason_tokens), s.max_reason_tokens, s.free_chars, avoid,
                  prefer, s.cite_bias),
         Text('", "evidence": "'), Choice(tuple(_js(t) for _, t in p.options),
-                                        prefer=tuple(_js(t) for _, t, _ in p.evidence if t in titles),
+                                        prefer=tuple(_js(t) for _, t, _ in p.evidence),  # all offered
                                         prefer_bias=s.evidence_bias),
         Text('", "because": "' + WHY_OPENING),
         FreeText(min(s.min_why_tokens, s.max_why_tokens), s.max_why_tokens, s.free_chars, avoid, prefer,

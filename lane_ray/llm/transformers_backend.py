@@ -127,8 +127,7 @@ class TokenVocabulary:
         self._bans: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         self._runs: list[tuple[int, str]] | None = None
         self._word_starts: dict[str, list[int]] = {}
-        self._glued: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-        self._towards: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        self._glued: dict[tuple[str, str], list[int]] = {}
 
     def _letter_runs(self) -> list[tuple[int, str]]:
         """(token, leading letter run) of the tokens that continue a word: those starting with a letter."""
@@ -139,17 +138,14 @@ class TokenVocabulary:
     def towards(self, word: str, prefer: tuple[str, ...]) -> list[int]:
         """Tokens that write the next letters of a word of ``prefer`` (:func:`heads_towards`): those that start
         a new word on the way to one (" dra", " drama"), and those that, glued to the partial ``word`` being
-        written ("" at a word boundary), continue it towards one ("dr" + "ama"). Cached per word of ``prefer``
-        (rows steer towards different and shrinking sets of words)."""
-        key = (word, prefer)
-        if key not in self._towards:
-            out: set[int] = set()
-            for w in prefer:
-                out.update(self._word_starts_towards(w))
-                if w.startswith(word):
-                    out.update(self._glued_towards(word, w))
-            self._towards[key] = sorted(out)
-        return self._towards[key]
+        written ("" at a word boundary), continue it towards one ("dr" + "ama"). Cached per word of ``prefer``,
+        not per set: rows steer towards different and shrinking sets of words."""
+        out: set[int] = set()
+        for w in prefer:
+            out.update(self._word_starts_towards(w))
+            if w.startswith(word):
+                out.update(self._glued_towards(word, w))
+        return sorted(out)
 
     def _word_starts_towards(self, w: str) -> list[int]:
         if w not in self._word_starts:
@@ -165,7 +161,7 @@ class TokenVocabulary:
         return self._word_starts[w]
 
     def _glued_towards(self, word: str, w: str) -> list[int]:
-        key = (word, (w,))
+        key = (word, w)  # word is a prefix of w: at most len(w) + 1 entries per w
         if key not in self._glued:
             self._glued[key] = [i for i, run in self._letter_runs() if heads_towards(word + run, (w,))]
         return self._glued[key]
