@@ -351,6 +351,12 @@ def _named_item(req: ExplainRequest, p: Plan) -> HistoryItem:
     return HistoryItem("")
 
 
+def _content_words(words: list[str]) -> list[str]:
+    """The distinct words of ``words`` that can state a reason: three letters or more, no digits, not a common
+    word or a preference connector."""
+    return [w for w in dict.fromkeys(words) if len(w) >= 3 and w.isalpha() and w not in _COMMON_WORDS]
+
+
 def cite_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -> tuple[str, ...]:
     """The words the free parts are steered towards (``cite_bias``): the content words of the main preference
     that no other preference carries (all its content words when every one is shared), or, citing history
@@ -362,13 +368,10 @@ def cite_words(req: ExplainRequest, s: ExplainSettings, p: Plan | None = None) -
     if p.history_mode:
         target = set(_words(req.target.genres or ""))
         genres = _words(_named_item(req, p).genres or "")
-        words = [w for w in genres if w in target] or genres
-        out = dict.fromkeys(w for w in words if len(w) >= 3 and w.isalpha() and w not in _COMMON_WORDS)
-        return tuple(sorted(out))
+        return tuple(sorted(_content_words([w for w in genres if w in target] or genres)))
     # the words that set the main preference apart from the others first: preferences that share a genre
     # ("Drama movies about ...", "Drama movies set in ...") differ only in them
-    own = [w for w in dict.fromkeys(_words(clean_text(req.preferences[p.main_index], 80)))
-           if len(w) >= 3 and w.isalpha() and w not in _COMMON_WORDS]
+    own = _content_words(_words(clean_text(req.preferences[p.main_index], 80)))
     others = {w for k, t in enumerate(req.preferences) if k != p.main_index for w in _words(clean_text(t, 80))}
     return tuple(sorted([w for w in own if w not in others] or own))
 

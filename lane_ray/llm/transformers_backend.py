@@ -85,15 +85,21 @@ def _letters(text: str) -> tuple[str, str]:
     return t[:a], t[b:]
 
 
+def _first_word(piece: str) -> str:
+    """The first run of letters of a token, after any leading space or punctuation, lower-cased."""
+    t = piece.lower()
+    while t and not t[0].isalpha():
+        t = t[1:]
+    return _letters(t)[0]
+
+
 def avoided(piece: str, words: tuple[str, ...]) -> bool:
     """Whether a token spells one of ``words`` when it starts a word: the first run of letters of the piece
     (after any leading space or punctuation) :func:`spells` one of them."""
     if not words:
         return False
-    t = piece.lower().lstrip()
-    while t and not t[0].isalpha():
-        t = t[1:]
-    return bool(t) and spells(_letters(t)[0], words)
+    first = _first_word(piece)
+    return bool(first) and spells(first, words)
 
 
 class TokenVocabulary:
@@ -149,15 +155,9 @@ class TokenVocabulary:
 
     def _word_starts_towards(self, w: str) -> list[int]:
         if w not in self._word_starts:
-            starts = []
-            for i, piece in enumerate(self.pieces):
-                if piece and not piece[0].isalpha():  # a leading space or punctuation: the token starts a word
-                    t = piece.lower()
-                    while t and not t[0].isalpha():
-                        t = t[1:]
-                    if t and heads_towards(_letters(t)[0], (w,)):
-                        starts.append(i)
-            self._word_starts[w] = starts
+            # a leading space or punctuation: the token starts a word
+            self._word_starts[w] = [i for i, piece in enumerate(self.pieces)
+                                    if piece and not piece[0].isalpha() and heads_towards(_first_word(piece), (w,))]
         return self._word_starts[w]
 
     def _glued_towards(self, word: str, w: str) -> list[int]:
