@@ -1,6 +1,13 @@
-"""One local Ray cluster for the whole test session (2 CPUs, a modest object store, its own temp dir)."""
+"""Session fixtures: one local Ray cluster (2 CPUs, a modest object store, its own temp dir), the packaged LLM,
+and one finished pipeline run that several tests read."""
 
 from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +41,45 @@ def llm():
         pytest.skip(str(exc))
     finally:
         torch.set_num_threads(threads)
+
+
+# `lane run` on the tiny MovieLens copy of tests/conftest.py: two training epochs on one thread, one explanation.
+PIPELINE_ARGS = ("--set", "train.epochs=2", "--set", "train.threads_per_worker=1", "--set", "run.explain_users=1",
+                 "--set", "explain.top_k=1")
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """One finished ``lane run`` and what it printed. ``metrics`` is read when the run ends: a test may go on
+    to change the run directory (test_run.py redoes stages in it), the snapshot stays as it was."""
+
+    dataset: Path
+    out: Path
+    rc: int
+    stdout: str
+    stderr: str
+    metrics: dict
+
+    def args(self, *extra: str) -> list[str]:
+        """The ``lane run`` arguments of this run (without ``--out``), then ``extra``."""
+        return ["run", "--dataset", str(self.dataset), *PIPELINE_ARGS, *extra]
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(ray_cluster, tmp_path_factory) -> PipelineRun:
+    """The whole pipeline, once per session, on the session's cluster: test_run.py checks its stages and skip
+    rules, test_submit.py that a submitted job gives the same metrics (one local run for both: ~2 minutes)."""
+    from lane_ray.cli import main
+    from tests.conftest import ML100K_DATA, ML100K_ITEM, write
+
+    base = tmp_path_factory.mktemp("pipeline")
+    dataset = base / "ml-100k"
+    write(dataset / "u.data", ML100K_DATA)
+    write(dataset / "u.item", ML100K_ITEM.encode("latin-1"))
+    run = PipelineRun(dataset, base / "run", 0, "", "", {})
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([*run.args(), "--out", str(run.out)])
+    metrics_path = run.out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return replace(run, rc=rc, stdout=out.getvalue(), stderr=err.getvalue(), metrics=metrics)

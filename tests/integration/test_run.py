@@ -13,14 +13,14 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-def test_run_skips_current_stage_and_redoes_on_change(ray_cluster, capsys, ml100k_dir, run_dir):
-    args = ["run", "--dataset", str(ml100k_dir), "--out", str(run_dir), "--set", "train.epochs=2",
-            "--set", "train.threads_per_worker=1", "--set", "run.explain_users=1", "--set", "explain.top_k=1"]
-    rc, _, err = run(capsys, *args)
-    assert rc == 0 and "[1/10] data: started" in err and "[9/10] explain: done" in err
+def test_run_skips_current_stage_and_redoes_on_change(pipeline_run, capsys):
+    first, run_dir = pipeline_run, pipeline_run.out
+    assert first.rc == 0, first.stderr[-4000:]
+    assert "[1/10] data: started" in first.stderr and "[9/10] explain: done" in first.stderr
     doc = json.loads((run_dir / "progress.json").read_text())
     assert doc["state"] == "done" and [s["state"] for s in doc["stages"]] == ["done"] * 10
     assert (run_dir / "explanations.parquet").exists()
+    args = [*first.args(), "--out", str(run_dir)]
     rc, out, err = run(capsys, *args)
     assert rc == 0 and "skipped (output is current)" in err
     doc = json.loads((run_dir / "progress.json").read_text())
