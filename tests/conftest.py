@@ -36,12 +36,16 @@ ML100K_ITEM = (
 )
 
 
-@pytest.fixture
-def ml100k_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "ml-100k"
+def write_ml100k(d: Path) -> Path:
+    """The tiny MovieLens copy above, in the ml-100k layout, under ``d``."""
     write(d / "u.data", ML100K_DATA)
     write(d / "u.item", ML100K_ITEM.encode("latin-1"))
     return d
+
+
+@pytest.fixture
+def ml100k_dir(tmp_path: Path) -> Path:
+    return write_ml100k(tmp_path / "ml-100k")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,7 +62,11 @@ class PipelineRun:
 
     def args(self, *extra: str) -> list[str]:
         """The ``lane run`` arguments of this run (without ``--out``), then ``extra``."""
-        return ["run", "--dataset", str(self.dataset), *PIPELINE_ARGS, *extra]
+        return pipeline_args(self.dataset, *extra)
+
+
+def pipeline_args(dataset: Path, *extra: str) -> list[str]:
+    return ["run", "--dataset", str(dataset), *PIPELINE_ARGS, *extra]
 
 
 @pytest.fixture(scope="session")
@@ -70,16 +74,13 @@ def pipeline_run(ray_cluster, tmp_path_factory) -> PipelineRun:
     """The whole pipeline, once per session, on the session's cluster: test_run.py checks its stages and skip
     rules, test_submit.py that a submitted job gives the same metrics (one local run for both: ~2 minutes)."""
     from lane_ray.cli import main
-    from tests.conftest import ML100K_DATA, ML100K_ITEM, write
+    from tests.conftest import write_ml100k
 
     base = tmp_path_factory.mktemp("pipeline")
-    dataset = base / "ml-100k"
-    write(dataset / "u.data", ML100K_DATA)
-    write(dataset / "u.item", ML100K_ITEM.encode("latin-1"))
-    run = PipelineRun(dataset, base / "run", 0, "", "", {})
+    dataset, run_dir = write_ml100k(base / "ml-100k"), base / "run"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([*run.args(), "--out", str(run.out)])
-    metrics_path = run.out / "metrics.json"
+        rc = main([*pipeline_args(dataset), "--out", str(run_dir)])
+    metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return replace(run, rc=rc, stdout=out.getvalue(), stderr=err.getvalue(), metrics=metrics)
+    return PipelineRun(dataset, run_dir, rc, out.getvalue(), err.getvalue(), metrics)
