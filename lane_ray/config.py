@@ -303,6 +303,10 @@ class PreferencesConfig(_LLMActors):
         True, description="generate mode with a vocabulary: a slot's free words never name a category of the "
         "catalogue vocabulary (genres, other text columns), so each preference states the one it opens with "
         "(transformers backend; other engines ignore it).")
+    distinct_words: bool = Field(
+        True, description="generate mode: no slot's free words repeat a word of an earlier slot's free words "
+        "(first four letters, function words aside), so the m preferences are not near-twins such as 'a focus on "
+        "family' and 'focused on family' (transformers backend; other engines ignore it).")
     mmr_lambda: float = Field(
         0.7, ge=0, le=1, description="score mode: MMR's weight of relevance (PMI) against token overlap with the "
         "preferences already picked.")

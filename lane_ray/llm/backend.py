@@ -80,6 +80,18 @@ class FreeText:
     # (transformers backend only, like ``avoid``)
     prefer: tuple[str, ...] = ()
     prefer_bias: float = 0.0
+    # no word of the text shares its first four letters with a word of an earlier free text of the same output
+    # that also sets it ("focused" after "focus", "darker" after "dark"): near-twin phrases in one list state
+    # one thing twice. Words under four letters and the ``repeatable`` ones (function words) stay free
+    # (transformers backend only, like ``avoid``)
+    distinct_words: bool = False
+    repeatable: tuple[str, ...] = ()
+
+
+def word_stems(text: str, repeatable: tuple[str, ...] = ()) -> set[str]:
+    """The first four letters of each word of ``text`` (lower-cased) of four letters or more that is not one of
+    ``repeatable``: what :attr:`FreeText.distinct_words` keeps later free texts from writing again."""
+    return {w[:4] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in repeatable}
 
 
 def spells(word: str, words: tuple[str, ...]) -> bool:

@@ -88,6 +88,7 @@ class ExtractionSettings:
     min_support: int = 2
     slot_order: str = "share"
     avoid_categories: bool = True
+    distinct_words: bool = True
     mode: str = "generate"
     mmr_lambda: float = 0.7
     temperature: float = 0.3
@@ -298,6 +299,15 @@ def share_slots(vocab: Sequence[UserAttribute], m: int, order: str = "support") 
 # Words of a vocabulary term that a slot's free words may still use: too common to name a category.
 _COMMON_WORDS = frozenset({"film", "films", "movie", "movies", "the", "and", "for", "with"})
 
+# Words that several preferences of one list may each use (FreeText.repeatable): function words of four
+# letters or more, which say nothing about a taste. Every other word of four letters or more is kept to one
+# slot: "Drama movies with a focus on family" and "Drama movies focused on love" state one thing twice.
+REPEATABLE_WORDS = ("about", "across", "after", "again", "also", "among", "around", "being", "both", "during",
+                    "each", "even", "from", "have", "into", "like", "many", "more", "most", "much", "only",
+                    "other", "over", "some", "such", "than", "that", "their", "them", "then", "there", "these",
+                    "they", "this", "those", "through", "very", "what", "when", "where", "which", "while",
+                    "with", "within", "without")
+
 
 def vocabulary_words(vocabulary: Sequence[str]) -> tuple[str, ...]:
     """The lower-case words (3 letters or more) of the vocabulary's category terms (genres, other text columns;
@@ -320,11 +330,14 @@ def slot_template(vocabulary: tuple[str, ...], s: ExtractionSettings,
     vocabulary shorter than m (:func:`user_vocabulary` pads it with support-1 terms first) leaves slots that
     can only repeat a term: the duplicate is rejected and the history fallback fills it, as in ``"model"``.
     Without a vocabulary the slots are free text. The free words never name a category of the catalogue
-    vocabulary (:func:`vocabulary_words`; enforced by the transformers backend)."""
+    vocabulary (:func:`vocabulary_words`), and with ``distinct_words`` no slot's free words repeat a word stem
+    of an earlier slot's (:data:`REPEATABLE_WORDS` aside; both enforced by the transformers backend)."""
     head = slot_head(vocabulary, s.item_noun)
     shared = share_slots(attributes, s.m, s.vocabulary_order) if s.slot_order == "share" else []
     avoid = vocabulary_words(s.vocabulary) if s.avoid_categories else ()
-    free = FreeText(s.min_slot_tokens, s.max_slot_tokens, SLOT_CHARS, avoid)
+    nouns = tuple(re.findall(r"[a-z]+", s.item_noun.lower()))
+    free = FreeText(s.min_slot_tokens, s.max_slot_tokens, SLOT_CHARS, avoid, distinct_words=s.distinct_words,
+                    repeatable=tuple(sorted(set(REPEATABLE_WORDS + nouns))))
     segs: list[Any] = []
     for k in range(s.m):
         if s.slot_order == "share" and k < len(shared):
@@ -519,7 +532,7 @@ def score_batch(users: list[UserHistory], backend: LLMBackend, s: ExtractionSett
     return results
 
 
-__all__ = ["CONNECTORS", "PHRASE_BANK", "PREFERENCE_PROMPT_VERSION", "VOCABULARY_ORDERS", "ExtractionSettings",
-           "UserAttribute", "UserHistory", "UserResult", "attribute_vocabulary", "catalogue_vocabulary",
-           "extract_batch", "fallback_preferences", "item_terms", "mmr_select", "score_batch", "score_candidates",
-           "token_overlap", "user_vocabulary"]
+__all__ = ["CONNECTORS", "PHRASE_BANK", "PREFERENCE_PROMPT_VERSION", "REPEATABLE_WORDS", "VOCABULARY_ORDERS",
+           "ExtractionSettings", "UserAttribute", "UserHistory", "UserResult", "attribute_vocabulary",
+           "catalogue_vocabulary", "extract_batch", "fallback_preferences", "item_terms", "mmr_select", "score_batch",
+           "score_candidates", "token_overlap", "user_vocabulary"]

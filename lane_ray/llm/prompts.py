@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 # v3: each user's slots open with their own history attributes (support >= 2, strongest first), listed with
 # their counts in the prompt; v2 offered the whole catalogue's genres and decades to every user
-PREFERENCE_PROMPT_VERSION = "pref-v3"
+PREFERENCE_PROMPT_VERSION = "pref-v4"
 
 _WS = re.compile(r"\s+")
 

@@ -27,6 +27,7 @@ from lane_ray.llm.backend import (
     per_row,
     spells,
     unwritten,
+    word_stems,
 )
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -102,6 +103,9 @@ def avoided(piece: str, words: tuple[str, ...]) -> bool:
     return bool(first) and spells(first, words)
 
 
+_MAX_STEMS = 50_000  # cached stem bans (a few hundred token ids each) before the cache starts afresh
+
+
 class TokenVocabulary:
     """What a constraint needs to know of a tokenizer, computed once per backend: the tokens allowed inside
     a JSON string (:data:`FORBIDDEN_FREE_CHARS` and control characters excluded), the ``"`` token, EOS,
@@ -134,6 +138,9 @@ class TokenVocabulary:
         self._runs: list[tuple[int, str]] | None = None
         self._word_starts: dict[str, list[int]] = {}
         self._glued: dict[tuple[str, str], list[int]] = {}
+        self._stem_starts: dict[str, list[int]] = {}
+        self._exact: dict[str, list[int]] = {}
+        self._first_words: list[tuple[int, str]] | None = None
 
     def _letter_runs(self) -> list[tuple[int, str]]:
         """(token, leading letter run) of the tokens that continue a word: those starting with a letter."""
@@ -177,6 +184,41 @@ class TokenVocabulary:
                 ban = [i for i, run in self._letter_runs() if spells(word + run, avoid)]
             self._bans[key] = ban
         return self._bans[key]
+
+    def stem_ban(self, stem: str, repeatable: tuple[str, ...] = ()) -> list[int]:
+        """Tokens whose first word begins with ``stem`` (four letters, :func:`word_stems`), except those whose
+        first word is one of ``repeatable`` ("them" stays allowed after "theme"). Cached per stem and per
+        repeatable word, not per set: each row bans its own, growing set of stems."""
+        if stem not in self._stem_starts:
+            if len(self._stem_starts) >= _MAX_STEMS:  # a long-lived replica meets ever new words
+                self._stem_starts.clear()
+                self._bans.clear()  # holds the stems' continuation bans too
+            self._stem_starts[stem] = [i for i, w in self._words() if w.startswith(stem)]
+        ban = self._stem_starts[stem]
+        keep = [w for w in repeatable if w.startswith(stem)]
+        if keep:
+            exempt = {i for w in keep for i in self._exact_word(w)}
+            ban = [i for i in ban if i not in exempt]
+        return ban
+
+    def stem_continuation_ban(self, word: str, stem: str, repeatable: tuple[str, ...] = ()) -> list[int]:
+        """Tokens that, glued to the partial ``word`` (a proper prefix of ``stem``), make a word that begins
+        with ``stem``, except where the word made is one of ``repeatable``."""
+        ban = self.continuation_ban(word, (stem,))
+        if any(w.startswith(stem) for w in repeatable):
+            ban = [i for i in ban if word + _letters(self.pieces[i])[0].lower() not in repeatable]
+        return ban
+
+    def _words(self) -> list[tuple[int, str]]:
+        """(token, first word) of the tokens that write letters (see :func:`_first_word`)."""
+        if self._first_words is None:
+            self._first_words = [(i, w) for i, p in enumerate(self.pieces) if p and (w := _first_word(p))]
+        return self._first_words
+
+    def _exact_word(self, word: str) -> list[int]:
+        if word not in self._exact:
+            self._exact[word] = [i for i, w in self._words() if w == word]
+        return self._exact[word]
 
     def content_mask(self, chars: str, avoid: tuple[str, ...] = ()) -> Any:
         """Tokens allowed in free text, restricted to those made of ``chars`` only when it is set, and without
@@ -243,6 +285,8 @@ class TemplateProcessor:
         self.used: list[list[int]] = [[] for _ in range(batch_size)]
         self.word = [""] * batch_size  # the partial word a free text ends with (for FreeText.avoid)
         self.written = [""] * batch_size  # the row's free texts so far (for FreeText.prefer)
+        self.stems: list[set[str]] = [set() for _ in range(batch_size)]  # for FreeText.distinct_words
+        self.stem_banned: list[list[int]] = [[] for _ in range(batch_size)]
         self.picked: list[dict[tuple[str, ...], set[str]]] = [{} for _ in range(batch_size)]
         self.bigrams: list[dict[int, set[int]]] = [{} for _ in range(batch_size)]
         for row in range(batch_size):
@@ -306,11 +350,13 @@ class TemplateProcessor:
                 self.written[row] += " " if tok == self.v.quote else (
                     self.v.pieces[tok].lower() if tok < len(self.v.pieces) else " ")
             if tok == self.v.quote:
+                if seg.distinct_words:
+                    self._close_words(row, seg)
                 self._enter(row, i + 1, after_quote=True)
             else:
                 if self.used[row]:
                     self.bigrams[row].setdefault(self.used[row][-1], set()).add(tok)
-                if seg.avoid or seg.prefer:
+                if seg.avoid or seg.prefer or seg.distinct_words:
                     piece = self.v.pieces[tok] if tok < len(self.v.pieces) else ""
                     lead, tail = _letters(piece)
                     self.word[row] = (self.word[row] + piece.lower() if lead == piece.lower() else tail)
@@ -328,6 +374,17 @@ class TemplateProcessor:
                 self._pick(row, seg, node[None])
                 self._enter(row, i + 1)
                 self._feed(row, tok)
+
+    def _close_words(self, row: int, seg: FreeText) -> None:
+        """A free text with ``distinct_words`` ended: its word stems join those later ones must not write."""
+        text = "".join(self.v.pieces[t] for t in self.used[row] if t < len(self.v.pieces))
+        new = word_stems(text, seg.repeatable) - self.stems[row]
+        if new:
+            self.stems[row] |= new
+            banned = set(self.stem_banned[row])
+            for stem in new:
+                banned.update(self.v.stem_ban(stem, seg.repeatable))
+            self.stem_banned[row] = sorted(banned)
 
     def _pick(self, row: int, seg: Any, option: str) -> None:
         if seg.distinct:
@@ -352,6 +409,16 @@ class TemplateProcessor:
                 ban = self.v.continuation_ban(self.word[row], seg.avoid)
                 if ban:
                     mask[ban] = False
+            if seg.distinct_words and self.stems[row]:
+                if self.stem_banned[row]:
+                    mask[self.stem_banned[row]] = False
+                word = self.word[row]
+                if 0 < len(word) < 4:
+                    for stem in self.stems[row]:
+                        if stem.startswith(word):
+                            ban = self.v.stem_continuation_ban(word, stem, seg.repeatable)
+                            if ban:
+                                mask[ban] = False
             if self.used[row]:
                 mask[self.used[row]] = False  # no token twice in one free text (a small model's loops)
                 # nor a two-token sequence of an earlier free text (copying one phrase into every slot)

@@ -82,7 +82,8 @@ def settings_from_config(pc: Any, catalog: pa.Table) -> ExtractionSettings:
                               min_slot_tokens=pc.min_slot_tokens, vocabulary=vocab, vocabulary_share=shares,
                               vocabulary_order=pc.vocabulary_order, vocabulary_size=pc.vocabulary_size,
                               min_support=pc.min_support, slot_order=pc.slot_order,
-                              avoid_categories=pc.avoid_categories, mode=pc.mode,
+                              avoid_categories=pc.avoid_categories, distinct_words=pc.distinct_words,
+                              mode=pc.mode,
                               mmr_lambda=pc.mmr_lambda,
                               temperature=pc.temperature, seed=pc.seed, frequency_penalty=pc.frequency_penalty)
 

@@ -15,9 +15,11 @@ import pytest
 
 from lane_ray.cli import main
 from lane_ray.io import read_parquet
-from lane_ray.llm.backend import Choice, FreeText, GenerationParams, Template, Text
+from lane_ray.llm.backend import Choice, FreeText, GenerationParams, Template, Text, word_stems
 from lane_ray.llm.parsing import _norm, copies_title
 from lane_ray.llm.preferences import (
+    CONNECTORS,
+    REPEATABLE_WORDS,
     SLOT_CHARS,
     ExtractionSettings,
     UserHistory,
@@ -96,6 +98,14 @@ def assert_valid_result(r, user: UserHistory, s: ExtractionSettings) -> None:
         assert len(slots) == s.m and all(isinstance(x, str) and x for x in slots), a
         if s.vocabulary:  # each opens with one of the user's own attributes
             assert all(any(x.startswith(f"{v} {s.item_noun} ") for v in own) for x in slots), (a, own)
+        if s.vocabulary and s.distinct_words:  # no slot's free words repeat a word of an earlier slot's
+            seen: set[str] = set()
+            for x in slots:
+                rest = x.split(f" {s.item_noun} ", 1)[1]
+                free = rest[len(next(c for c in CONNECTORS if rest.startswith(c))):]
+                stems = word_stems(free, REPEATABLE_WORDS + (s.item_noun,))
+                assert not stems & seen, (a, stems & seen)
+                seen |= stems
     if s.vocabulary:
         # LLM slots open with a vocabulary term; under "fallback" the others are the fallback's own phrases
         fallback = set(fallback_preferences(user.items, 40, [], s.item_noun))
@@ -176,6 +186,43 @@ def test_free_text_avoids_words(llm):
             assert template.matches(g.text), g.text
             words = re.findall(r"[a-z]+", g.text.lower())
             assert words and not any(spells(w, avoid) for w in words), g.text
+
+
+def test_free_text_distinct_words_bans_an_earlier_slots_word_stems(llm):
+    import torch
+
+    from lane_ray.llm.transformers_backend import TemplateProcessor, TokenVocabulary
+
+    free = FreeText(1, 6, SLOT_CHARS, distinct_words=True, repeatable=("them", "with"))
+    template = Template((free, Text('", "'), free, Text('"')))
+    vocab = TokenVocabulary(llm.tokenizer)
+    proc = TemplateProcessor(vocab, template, 1, "cpu")
+    ids = torch.zeros((1, 1), dtype=torch.long)
+
+    def allowed() -> set[int]:
+        scores = proc(ids, torch.zeros((1, vocab.size)))
+        return set(torch.nonzero(scores[0] > torch.finfo(scores.dtype).min).flatten().tolist())
+
+    def feed(text: str) -> None:
+        nonlocal ids
+        for tok in llm.tokenizer.encode(text, add_special_tokens=False):
+            assert tok in allowed(), (text, llm.tokenizer.decode([tok]))
+            ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+
+    def one(piece: str) -> int:
+        toks = llm.tokenizer.encode(piece, add_special_tokens=False)
+        assert len(toks) == 1, piece
+        return toks[0]
+
+    feed(' a focus on dark themes"')  # the first slot is free; its stems: focu, dark, them(e)
+    while len(ok := allowed()) == 1:  # the separator's forced tokens, up to the second slot
+        ids = torch.cat([ids, torch.tensor([[ok.pop()]])], dim=1)
+    for banned in (" focused", " focus", " darker", " dark", " themes"):
+        assert one(banned) not in ok, banned
+    for free_word in (" them", " with", " family", " a"):  # repeatable, new, or under four letters
+        assert one(free_word) in ok, free_word
+    feed(" fo")  # a partial word may not be completed into a banned one
+    assert one("cus") not in allowed() and one("x") in allowed()
 
 
 def test_free_text_prefer_bias_steers_towards_words(llm):

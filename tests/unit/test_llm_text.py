@@ -109,9 +109,9 @@ def test_grounded_prompt_version_and_vocabulary():
     assert terms == ("1970s", "1990s", "A24", "Crime", "Drama", "Pixar")
     assert shares == (0.25, 0.25, 0.5, 0.25, 0.5, 0.5)
     s = ExtractionSettings(vocabulary=vocab)
-    assert s.prompt_version.startswith("pref-v3+vocab-")
-    assert ExtractionSettings().prompt_version.startswith("pref-v3+free-")
-    assert ExtractionSettings(vocabulary=vocab, mode="score").prompt_version.startswith("pref-v3+score-")
+    assert s.prompt_version.startswith("pref-v4+vocab-")
+    assert ExtractionSettings().prompt_version.startswith("pref-v4+free-")
+    assert ExtractionSettings(vocabulary=vocab, mode="score").prompt_version.startswith("pref-v4+score-")
     # every setting that shapes the output changes the version, so cached preferences are recomputed
     versions = {ExtractionSettings(**kw).prompt_version for kw in
                 ({}, {"m": 4}, {"item_noun": "books"}, {"budget_tokens": 300}, {"temperature": 0.5}, {"seed": 1},
@@ -294,3 +294,17 @@ def test_preferred_words_are_prefixes_of_two_letters_or_more_and_choices_prefer_
     assert unwritten(("romance", "war"), "it is a romantic ") == ("war",)
     assert unwritten(("romance", "war"), "it is a roman") == ("romance", "war")  # not finished yet
     assert unwritten(("romance", "war"), "a war story ") == ("romance",) and unwritten(("war",), "warm ") == ("war",)
+
+
+def test_word_stems_and_slots_keep_each_word_to_one_slot():
+    from lane_ray.llm.backend import FreeText, word_stems
+    from lane_ray.llm.preferences import REPEATABLE_WORDS, slot_template
+
+    assert word_stems(" a Focus on family and their dark themes", REPEATABLE_WORDS) == {"focu", "fami", "dark", "them"}
+    assert word_stems(" with their love", ("with", "their")) == {"love"}
+    free = [f for f in slot_template(("Drama", "Crime"), grounded(m=3)).segments if isinstance(f, FreeText)]
+    assert len(free) == 3 and all(f.distinct_words for f in free)
+    assert {"with", "their", "movies"} <= set(free[0].repeatable) and "family" not in free[0].repeatable
+    off = slot_template(("Drama",), grounded(m=2, distinct_words=False))
+    assert not any(f.distinct_words for f in off.segments if isinstance(f, FreeText))
+    assert grounded(distinct_words=False).prompt_version != grounded().prompt_version
