@@ -41,7 +41,8 @@ history genre (ties: most recent) is the genre name (``"<genre> movies"``) with 
 their preferences. ``grounding_accuracy``: the old win rate of ``mean_p max_h cos(p, h)`` over held-out titles
 against ``--others`` (10) random other users (it sits at chance for every text tried, even recent titles: it
 cannot tell good from bad). ``distinctness`` (mean pairwise cosine, lower = more distinct),
-``copies_title_rate``, ``status`` counts.
+``near_twin_rate`` (share of users with two preferences at cosine >= 0.8), ``copies_title_rate``, ``status``
+counts.
 
 Prints one JSON line: ``users, model, prompt_version, ladder, llm, ladder_in_order, ladder_in_order_raw_auc,
 ladder_steps, llm_beats_shuffled, llm_beats_genre_baseline, genre_agreement, counts`` plus settings and
@@ -95,11 +96,13 @@ def _legacy(prefs_text: list[list[str]], prefs_emb: list[np.ndarray], held_emb: 
         genre_agreement = q.agreement(top, closest)
     rate = q.copies_title_rate(prefs_text, titles)
     dist = q.distinctness(prefs_emb)
+    twins = q.near_twin_rate(prefs_emb)
     return {
         "genre_agreement": None if genre_agreement is None else round(genre_agreement, 4),
         "grounding_accuracy": round(q.win_rate(own, other), 4),
         "grounding_accuracy_se": round(q.standard_error(q.user_win_rates(own, other)), 4),
         "distinctness": None if dist is None else round(dist, 4),
+        "near_twin_rate": None if twins is None else round(twins, 4),
         "copies_title_rate": None if rate is None else round(rate, 4),
         "status": status,
     }

@@ -10,6 +10,7 @@ the embedding and documents the protocol; these functions are its definitions:
   score loses);
 - :func:`top_genre` / :func:`closest_label` / :func:`agreement` for ``genre_agreement``;
 - :func:`distinctness`: mean pairwise cosine between one user's preferences (lower is more distinct);
+- :func:`near_twin_rate`: share of users with two preferences at cosine >= 0.8 (near-twins);
 - :func:`copies_title_rate`: the share of preferences that restate a history title;
 - :func:`genre_baseline`: the trivial baseline (the history's most frequent genres as preferences).
 
@@ -130,6 +131,9 @@ def agreement(expected: Sequence[str | None], got: Sequence[str | None]) -> floa
     return sum(e == g for e, g in pairs) / len(pairs)
 
 
+NEAR_TWIN_COSINE = 0.8  # MiniLM cosine above which two short preference phrases read as one
+
+
 def distinctness(prefs: Sequence[np.ndarray]) -> float | None:
     """Mean over users (with at least 2 preferences) of the mean pairwise cosine between their preferences;
     None when no user has 2."""
@@ -141,6 +145,20 @@ def distinctness(prefs: Sequence[np.ndarray]) -> float | None:
         sim = p @ p.T  # [m, m]
         per_user.append((sim.sum() - np.trace(sim)) / (m * (m - 1)))
     return float(np.mean(per_user)) if per_user else None
+
+
+def near_twin_rate(prefs: Sequence[np.ndarray], threshold: float = NEAR_TWIN_COSINE) -> float | None:
+    """Share of users (with at least 2 preferences) whose two closest preferences have a cosine of ``threshold``
+    or more: lists that state one thing twice in two word forms ("a focus on" / "focused on"), which no
+    explanation can tell apart. None when no user has 2."""
+    flags = []
+    for p in prefs:
+        if len(p) < 2:
+            continue
+        sim = p @ p.T
+        np.fill_diagonal(sim, -np.inf)
+        flags.append(float(sim.max()) >= threshold)
+    return float(np.mean(flags)) if flags else None
 
 
 def copies_title_rate(prefs: Sequence[Sequence[str]], titles: Sequence[Sequence[str]]) -> float | None:
@@ -331,8 +349,8 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: in
     return {**s, "ci_excludes_zero": bool(excl), "beats": bool(low is not None and low > 0)}
 
 
-__all__ = ["GENERIC", "LADDER", "agreement", "auc", "bootstrap_ci", "closest_label", "copies_title_rate",
-           "distinctness", "draw_others", "genre_baseline", "genre_phrases", "grounding_scores", "item_scores",
-           "item_text", "ladder_in_order", "other_users", "paired_difference", "popularity_negatives",
-           "ranked_genres", "rung", "set_score", "split_genres", "standard_error", "summary", "top_genre",
-           "user_aucs", "user_win_rates", "win_rate"]
+__all__ = ["GENERIC", "LADDER", "NEAR_TWIN_COSINE", "agreement", "auc", "bootstrap_ci", "closest_label",
+           "copies_title_rate", "distinctness", "draw_others", "genre_baseline", "genre_phrases", "grounding_scores",
+           "item_scores", "item_text", "ladder_in_order", "near_twin_rate", "other_users", "paired_difference",
+           "popularity_negatives", "ranked_genres", "rung", "set_score", "split_genres", "standard_error", "summary",
+           "top_genre", "user_aucs", "user_win_rates", "win_rate"]

@@ -117,8 +117,8 @@ def test_grounded_prompt_version_and_vocabulary():
                 ({}, {"m": 4}, {"item_noun": "books"}, {"budget_tokens": 300}, {"temperature": 0.5}, {"seed": 1},
                  {"frequency_penalty": 0.0}, {"max_retries": 1}, {"vocabulary": vocab},
                  {"vocabulary": vocab, "vocabulary_share": (0.1, 0.5, 0.2, 0.4)}, {"vocabulary_order": "lift"},
-                 {"vocabulary_size": 4}, {"min_support": 1}, {"mmr_lambda": 0.5})}
-    assert len(versions) == 14 and ExtractionSettings().prompt_version == ExtractionSettings().prompt_version
+                 {"vocabulary_size": 4}, {"min_support": 1}, {"mmr_lambda": 0.5}, {"distinct_words": False})}
+    assert len(versions) == 15 and ExtractionSettings().prompt_version == ExtractionSettings().prompt_version
 
 
 # A catalogue of 100 items: Drama on 40, Comedy on 30, Crime on 10, Film-Noir on 2, War on 10; 1990s on 70,
@@ -307,4 +307,3 @@ def test_word_stems_and_slots_keep_each_word_to_one_slot():
     assert {"with", "their", "movies"} <= set(free[0].repeatable) and "family" not in free[0].repeatable
     off = slot_template(("Drama",), grounded(m=2, distinct_words=False))
     assert not any(f.distinct_words for f in off.segments if isinstance(f, FreeText))
-    assert grounded(distinct_words=False).prompt_version != grounded().prompt_version

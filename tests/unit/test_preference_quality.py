@@ -88,6 +88,15 @@ def test_distinctness_is_mean_pairwise_cosine():
     assert q.distinctness([single]) is None
 
 
+def test_near_twin_rate_counts_users_with_two_preferences_at_the_threshold():
+    a = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)  # closest pair 0.8: a near-twin
+    b = np.array([[1, 0], [0, 1]], np.float32)  # 0
+    single = np.array([[1, 0]], np.float32)  # no pair: left out
+    assert q.near_twin_rate([a, b, single]) == pytest.approx(0.5)
+    assert q.near_twin_rate([a, b], threshold=0.81) == 0.0
+    assert q.near_twin_rate([single]) is None
+
+
 def test_copies_title_rate():
     prefs = [["Toy Story", "animated comedies"], ["Heat", "crime dramas"]]
     titles = [["Toy Story", "Casino"], ["Heat"]]
