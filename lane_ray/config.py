@@ -223,8 +223,10 @@ class LLMConfig(_Section):
         "file; for openai, the model name the server serves.",
     )
     device: str = Field("auto", description="transformers: auto (CUDA when available), cpu or cuda.")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="transformers: weights/activations dtype (bf16 is 2-3x faster on AMX CPUs)."
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="transformers: weights/activations dtype. auto = bfloat16 on a GPU and on CPUs with "
+        "bf16 matrix instructions (AMX, AVX512-BF16: 2-3x faster there), float32 on other CPUs, where bf16 is "
+        "emulated and several times slower."
     )
     threads_per_actor: int | None = Field(
         None, ge=1, description="Torch threads per CPU LLM actor (unset = node CPUs / preferences.max_actors).")

@@ -307,3 +307,18 @@ def test_word_stems_and_slots_keep_each_word_to_one_slot():
     assert {"with", "their", "movies"} <= set(free[0].repeatable) and "family" not in free[0].repeatable
     off = slot_template(("Drama",), grounded(m=2, distinct_words=False))
     assert not any(f.distinct_words for f in off.segments if isinstance(f, FreeText))
+
+
+def test_auto_dtype_is_bf16_only_where_it_is_not_emulated():
+    from pathlib import Path
+
+    from lane_ray.llm.transformers_backend import resolve_dtype
+
+    assert resolve_dtype("float16", "cpu") == "float16" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", "cuda:1") == "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    native = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
