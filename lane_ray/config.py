@@ -357,6 +357,10 @@ class ExplainConfig(_LLMActors):
         "main preference's distinctive words, or the genres of the history item the reason names) in the free "
         "parts, until the word is written: a soft push towards stating the model's reason, not a rule (0 = off; "
         "transformers backend only).")
+    finish_bias: float = Field(
+        0.0, ge=0, description="Added to cite_bias for the tokens that continue a cited word the free text has "
+        "begun (three letters or more), so a begun word is finished ('dar' -> 'dark') rather than bent into "
+        "another ('darling') (0 = off; transformers backend only).")
     evidence_bias: float = Field(
         3.0, ge=0, description="Logit bonus of the evidence options with a positive history_contrib (the items "
         "the model used) when the LLM picks the evidence title: a soft push, the recent decoys stay pickable "

@@ -80,6 +80,9 @@ class FreeText:
     # (transformers backend only, like ``avoid``)
     prefer: tuple[str, ...] = ()
     prefer_bias: float = 0.0
+    # added to ``prefer_bias`` for the tokens that continue a ``prefer`` word the text has begun (three letters
+    # or more: "dar" of "dark"), so that a begun word is finished rather than bent into another ("darling")
+    finish_bias: float = 0.0
     # no word of the text shares its first four letters with a word of an earlier free text of the same output
     # that also sets it ("focused" after "focus", "darker" after "dark"): near-twin phrases in one list state
     # one thing twice. Words under four letters and the ``repeatable`` ones (function words) stay free

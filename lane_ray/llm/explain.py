@@ -95,6 +95,7 @@ class ExplainSettings:
     free_chars: str = FREE_CHARS  # the only characters the free parts may use ("" = any)
     avoid_unused: bool = True  # the free parts may not write the words of preferences the row does not cite
     cite_bias: float = 5.0  # logit bonus of tokens that write a word of what the row cites, until written (0 = off)
+    finish_bias: float = 0.0  # added to cite_bias for tokens that finish a begun cited word (0 = off)
     evidence_bias: float = 3.0  # logit bonus of the evidence options the attribution supports (0 = off)
     max_retries: int = 1  # re-sampling rounds for replies that do not parse
     temperature: float = 0.3
@@ -389,13 +390,13 @@ def explain_template(req: ExplainRequest, s: ExplainSettings, p: Plan | None = N
     segs: list[Any] = [
         Text(_js(reason_head(req, p))),
         FreeText(min(s.min_reason_tokens, s.max_reason_tokens), s.max_reason_tokens, s.free_chars, avoid,
-                 prefer, s.cite_bias),
+                 prefer, s.cite_bias, finish_bias=s.finish_bias),
         Text('", "evidence": "'), Choice(tuple(_js(t) for _, t in p.options),
                                         prefer=tuple(_js(t) for _, t, _ in p.evidence),  # all offered
                                         prefer_bias=s.evidence_bias),
         Text('", "because": "' + WHY_OPENING),
         FreeText(min(s.min_why_tokens, s.max_why_tokens), s.max_why_tokens, s.free_chars, avoid, prefer,
-                 s.cite_bias)]
+                 s.cite_bias, finish_bias=s.finish_bias)]
     if s.mode == "judge":
         m = len(req.preferences)
         segs.append(Text('", "fit": ['))

@@ -157,7 +157,7 @@ class TokenVocabulary:
         for w in prefer:
             out.update(self._word_starts_towards(w))
             if w.startswith(word):
-                out.update(self._glued_towards(word, w))
+                out.update(self.glued_towards(word, w))
         return sorted(out)
 
     def _word_starts_towards(self, w: str) -> list[int]:
@@ -167,7 +167,7 @@ class TokenVocabulary:
                                     if piece and not piece[0].isalpha() and heads_towards(_first_word(piece), (w,))]
         return self._word_starts[w]
 
-    def _glued_towards(self, word: str, w: str) -> list[int]:
+    def glued_towards(self, word: str, w: str) -> list[int]:
         key = (word, w)  # word is a prefix of w: at most len(w) + 1 entries per w
         if key not in self._glued:
             self._glued[key] = [i for i, run in self._letter_runs() if heads_towards(word + run, (w,))]
@@ -478,7 +478,21 @@ class TemplateProcessor:
                     seg = self.segs[row][self.seg[row]]
                     idx = torch.tensor(boost, device=scores.device)
                     scores[row, idx] = torch.where(allowed[idx], scores[row, idx] + seg.prefer_bias, scores[row, idx])
+                    finish = self._finishing(row, seg)
+                    if finish:
+                        idx = torch.tensor(finish, device=scores.device)
+                        scores[row, idx] = torch.where(allowed[idx], scores[row, idx] + seg.finish_bias,
+                                                       scores[row, idx])
         return scores
+
+    def _finishing(self, row: int, seg: Any) -> list[int]:
+        """Tokens that get a free text's ``finish_bias`` on top: those continuing the begun word (three letters
+        or more) towards an unwritten ``prefer`` word it is a proper prefix of."""
+        word = self.word[row]
+        if not isinstance(seg, FreeText) or not seg.finish_bias or len(word) < 3:
+            return []
+        left = [w for w in unwritten(seg.prefer, self.written[row]) if w.startswith(word) and w != word]
+        return sorted({t for w in left for t in self.v.glued_towards(word, w)})
 
     def _preferred(self, row: int) -> list[int]:
         """Tokens that get the segment's ``prefer_bias`` at this step: in a free text those on the way to a

@@ -267,7 +267,7 @@ def settings_from_config(cfg: Any) -> ExplainSettings:
         template_medium_rank=ec.template_medium_rank, max_why_tokens=ec.max_why_tokens,
         max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries, temperature=ec.temperature,
         seed=ec.seed, free_chars=FREE_CHARS if ec.free_text == "lower" else "", avoid_unused=ec.avoid_unused,
-        cite_bias=ec.cite_bias, evidence_bias=ec.evidence_bias)
+        cite_bias=ec.cite_bias, finish_bias=ec.finish_bias, evidence_bias=ec.evidence_bias)
 
 
 def request_to_json(req: ExplainRequest) -> str:

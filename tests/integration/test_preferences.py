@@ -242,6 +242,32 @@ def test_free_text_prefer_bias_steers_towards_words(llm):
     assert steered >= 7 and steered > unsteered, (unsteered, steered)
 
 
+def test_free_text_finish_bias_finishes_a_begun_preferred_word(llm):
+    import torch
+
+    from lane_ray.llm.transformers_backend import TemplateProcessor, TokenVocabulary
+
+    vocab = TokenVocabulary(llm.tokenizer)
+    tok = lambda piece: llm.tokenizer.encode(piece, add_special_tokens=False)  # noqa: E731
+    begun = tok(" dar")
+    assert len(begun) == 1 and len(tok("k")) == 1 and len(tok("ling")) == 1
+
+    def bonus(finish: float, written: str) -> dict[str, float]:
+        template = Template((FreeText(1, 8, SLOT_CHARS, (), ("dark",), 2.0, finish_bias=finish), Text('"')))
+        proc = TemplateProcessor(vocab, template, 1, "cpu")
+        ids = torch.zeros((1, 1), dtype=torch.long)
+        proc(ids, torch.zeros((1, vocab.size)))
+        for t in tok(written):
+            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+            scores = proc(ids, torch.zeros((1, vocab.size)))
+        return {p: float(scores[0, tok(p)[0]]) for p in ("k", "ling")}
+
+    assert bonus(0.0, " dar") == {"k": 2.0, "ling": 0.0}  # the prefer push alone
+    assert bonus(3.0, " dar") == {"k": 5.0, "ling": 0.0}  # finishing the begun word gets the extra bonus
+    assert bonus(3.0, " da") == {"k": 0.0, "ling": 0.0}  # under three letters: no finish bonus ("dak" is not "dark")
+    assert bonus(3.0, " dark and dar") == {"k": 0.0, "ling": 0.0}  # once written, neither push goes on
+
+
 def test_choice_prefer_bias_steers_the_pick_and_keeps_every_option(llm):
     options = ("Heat", "Casino", "The Usual Suspects", "Toy Story")
     conversations = [[{"role": "user", "content": "Which movie should I watch tonight? Answer with its title."}]] * 8
