@@ -499,11 +499,15 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False, feats=None
                     st.skipped = True
             return prev
     with Stage(f"train_{tc.backbone}_{tc.variant}", out, quiet=quiet) as st:
-        from lane_ray.pipeline.train import run_name
-        from lane_ray.progress import NewEntries, expect
+        from lane_ray.pipeline.train import EpochProgress, run_name
+        from lane_ray.progress import expect, log
 
-        # one Ray Train checkpoint per epoch (early stopping may end it sooner)
-        expect(tc.epochs, NewEntries(out / "ray_train" / run_name(tc), "checkpoint_*", rows=False), "epochs")
+        if not quiet:
+            log(f"train_{tc.backbone}_{tc.variant}: up to {tc.epochs} epochs, stopping after {tc.patience} without a "
+                f"better validation NDCG@10")
+        # one Ray Train checkpoint per epoch; the ETA runs to the epoch early stopping ends at, at the latest
+        epochs = EpochProgress(out / "ray_train" / run_name(tc), tc.patience, tc.epochs)
+        expect(tc.epochs - epochs.base, epochs, "epochs", epochs.bound)
         summary = train_variant(tc, cfg.ray, out, feats, quiet=quiet)
         st.rows = feats.split.num_users
         st.extra = {"epochs": summary["epochs"], "seconds_per_epoch": summary["seconds_per_epoch"],

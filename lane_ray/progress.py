@@ -198,12 +198,30 @@ _RUNS: list[RunProgress] = []
 _STAGES: list[Stage] = []
 
 
-def expect(total: int, counter: Any, unit: str) -> None:
+def expect(total: int, counter: Any, unit: str, bound: Any = None) -> None:
     """Tell the running :class:`Stage` (if any) how much work it has (``total`` ``unit``) and how to count what is
     done (``counter()``, e.g. a :class:`NewEntries`): it then logs progress with rate and ETA every
-    :func:`progress_interval` seconds and keeps ``progress.json`` current. A no-op outside a Stage."""
+    :func:`progress_interval` seconds and keeps ``progress.json`` current. ``bound()``, when given, returns
+    ``(limit, why)``, the most ``unit`` the stage can still reach in all (training that stops early), or None:
+    the ETA then runs to the limit. A no-op outside a Stage."""
     if _STAGES and total > 0:
-        _STAGES[-1].watch(total, counter, unit)
+        _STAGES[-1].watch(total, counter, unit, bound)
+
+
+def pace(done: int, total: int, seconds: float, unit: str, limit: tuple[int, str] | None = None) -> str:
+    """The progress line of a stage: ``done`` of ``total`` ``unit`` after ``seconds``, its rate and ETA; with a
+    ``limit`` below ``total`` (``(most units in all, why)``), the ETA runs to the limit and says why."""
+    share = f"{done:,}/{total:,} {unit} ({100 * done / total:.1f}%)"
+    if done == 0:
+        return f"{share}, none finished after {_clock(seconds)}"
+    rate = done / seconds if seconds > 0 else 0.0
+    per = next((f"{rate * k:,.1f} {unit}/{u}" for k, u in ((1, "s"), (60, "min")) if rate * k >= 1),
+               f"{rate * 3600:,.2f} {unit}/h")
+    if done >= total or rate <= 0:
+        return f"{share}, {per}"
+    if limit is not None and done <= limit[0] < total:
+        return f"{share}, {per}, ETA at most {_clock((limit[0] - done) / rate)} ({limit[1]})"
+    return f"{share}, {per}, ETA {_clock((total - done) / rate)}"
 
 
 class Stage:
@@ -239,33 +257,30 @@ class Stage:
         self._tree.__enter__()
         return self
 
-    def watch(self, total: int, counter: Any, unit: str) -> None:
-        """Report ``counter()`` of ``total`` ``unit`` every :func:`progress_interval` seconds until the stage ends."""
+    def watch(self, total: int, counter: Any, unit: str, bound: Any = None) -> None:
+        """Report ``counter()`` of ``total`` ``unit`` every :func:`progress_interval` seconds until the stage ends
+        (``bound``: see :func:`expect`)."""
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
         self._stop = threading.Event()
         if self._run:
             self._run.update(self.name, done=0, total=total, unit=unit)
-        self._ticker = threading.Thread(target=self._tick, args=(total, counter, unit, self._stop), daemon=True)
+        self._ticker = threading.Thread(target=self._tick, args=(total, counter, unit, self._stop, bound),
+                                        daemon=True)
         self._ticker.start()
 
-    def _tick(self, total: int, counter: Any, unit: str, stop: threading.Event) -> None:
+    def _tick(self, total: int, counter: Any, unit: str, stop: threading.Event, bound: Any = None) -> None:
         t0 = time.perf_counter()
         while not stop.wait(progress_interval()):
             try:
                 done = int(counter())
+                limit = bound() if bound is not None else None
             except Exception:  # noqa: BLE001 - progress is best-effort; the stage itself reports real errors
                 continue
             dt = time.perf_counter() - t0
             rate = done / dt if dt > 0 else 0.0
-            if done == 0:
-                pace = f", none finished after {_clock(dt)}"
-            else:
-                per = next((f"{rate * k:,.1f} {unit}/{u}" for k, u in ((1, "s"), (60, "min")) if rate * k >= 1),
-                           f"{rate * 3600:,.2f} {unit}/h")
-                pace = f", {per}" + (f", ETA {_clock((total - done) / rate)}" if done < total else "")
-            self._log(f"{done:,}/{total:,} {unit} ({100 * done / total:.1f}%){pace}")
+            self._log(pace(done, total, dt, unit, limit))
             if self._run:
                 self._run.update(self.name, done=done, total=total, unit=unit, rate_per_s=round(rate, 2))
 

@@ -56,6 +56,48 @@ def run_name(tc: TrainConfig) -> str:
     return f"{tc.backbone}-{tc.variant}-seed{tc.seed}"
 
 
+class EpochProgress:
+    """A training run's progress, read from its newest Ray Train checkpoint in ``folder`` (Ray Train keeps only the
+    newest two, so counting checkpoint folders misses epochs): ``()`` is the epochs finished since this object
+    was made, :meth:`bound` the most epochs the run can reach (its best epoch plus ``patience``, capped at
+    ``epochs``) with why, for the progress ETA (:func:`lane_ray.progress.expect`). Nothing is known before the
+    first checkpoint or where the folder cannot be read (a run on S3/GCS): 0 and None."""
+
+    def __init__(self, folder: str | Path, patience: int, epochs: int) -> None:
+        self.folder, self.patience, self.epochs = Path(folder), patience, epochs
+        state = self._newest()
+        self.base = state[0] if state else 0  # a resumed run: what was done before counts for neither
+
+    def _newest(self) -> tuple[int, int] | None:
+        """(epochs finished, best epoch, 0-based) of the newest checkpoint that is whole."""
+        import json
+
+        try:
+            names = sorted(p.name for p in self.folder.glob("checkpoint_*"))  # named by time: newest last
+        except OSError:
+            return None
+        for name in reversed(names):
+            try:
+                done = json.loads((self.folder / name / "model" / "config.json").read_text())["meta"]["epochs_done"]
+                best = json.loads((self.folder / name / "best" / "config.json").read_text())["meta"]["epoch"]
+                return int(done), int(best)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # still being written
+        return None
+
+    def __call__(self) -> int:
+        state = self._newest()
+        return max(0, state[0] - self.base) if state else 0
+
+    def bound(self) -> tuple[int, str] | None:
+        state = self._newest()
+        if state is None:
+            return None
+        limit = min(self.epochs, state[1] + 1 + self.patience)
+        return limit - self.base, (f"early stopping: best validation NDCG@10 at epoch {state[1] + 1}, stops after "
+                                   f"epoch {limit} unless it improves")
+
+
 def finish_run(run_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
     """Add ``seconds_per_epoch`` to a fit summary and write it to ``run_dir/curves/<name>.json``."""
     from lane_ray.io import write_json
@@ -83,7 +125,7 @@ def _save_state(directory: Path, model, optimizer, state: dict[str, Any], best_s
 
     from lane_ray.models import SequentialRecommender, save_checkpoint
 
-    save_checkpoint(model, directory / "model", meta)
+    save_checkpoint(model, directory / "model", {**meta, "epochs_done": state["epoch"]})
     if best_state is not None:
         best = SequentialRecommender(model.cfg)
         best.load_state_dict(best_state)

@@ -108,3 +108,36 @@ def test_lane_status_prints_the_view_and_refuses_what_is_not_a_run(tmp_path, cap
     (tmp_path / "progress.json").write_text("{not json")
     assert main(["status", str(tmp_path)]) == 2
     assert "not a progress file" in capsys.readouterr().err
+
+
+def test_pace_runs_the_eta_to_an_early_stopping_limit():
+    from lane_ray.progress import pace
+
+    assert pace(0, 200, 65, "epochs") == "0/200 epochs (0.0%), none finished after 1m05s"
+    # 10 epochs in 100 s: 190 more would take 31m40s, but the run stops after epoch 15 at the latest
+    assert pace(10, 200, 100, "epochs") == "10/200 epochs (5.0%), 6.0 epochs/min, ETA 31m40s"
+    line = pace(10, 200, 100, "epochs", (15, "early stopping"))
+    assert line == "10/200 epochs (5.0%), 6.0 epochs/min, ETA at most 0m50s (early stopping)"
+    assert pace(200, 200, 100, "epochs", (15, "x")) == "200/200 epochs (100.0%), 2.0 epochs/s"  # done: no ETA
+    assert "ETA 31m40s" in pace(10, 200, 100, "epochs", (200, "x"))  # a limit at the total changes nothing
+
+
+def test_epoch_progress_reads_the_newest_checkpoint_and_its_early_stopping_limit(tmp_path):
+    from lane_ray.pipeline.train import EpochProgress
+
+    def checkpoint(name: str, done: int, best: int) -> None:
+        for sub, meta in (("model", {"epochs_done": done}), ("best", {"epoch": best})):
+            (tmp_path / name / sub).mkdir(parents=True)
+            (tmp_path / name / sub / "config.json").write_text(json.dumps({"meta": meta}))
+
+    epochs = EpochProgress(tmp_path, patience=10, epochs=200)
+    assert epochs() == 0 and epochs.bound() is None and epochs.base == 0  # no checkpoint yet
+    # Ray Train keeps the newest two: epochs 1-5 came and went, the counter still says 7
+    checkpoint("checkpoint_2026-12-03_10-00-00.000001", 6, 4)
+    checkpoint("checkpoint_2026-12-03_10-00-09.000001", 7, 4)
+    (tmp_path / "checkpoint_2026-12-03_10-00-19.000001").mkdir()  # newest, still being written: skipped
+    assert epochs() == 7
+    limit, why = epochs.bound()
+    assert limit == 15 and "epoch 5" in why and "after epoch 15" in why  # best 0-based epoch 4, then 10 more
+    assert EpochProgress(tmp_path, patience=10, epochs=12).bound()[0] == 12 - 7  # capped; a resumed run's base
+    assert EpochProgress(tmp_path / "missing", 10, 200)() == 0
