@@ -149,8 +149,8 @@ def distinctness(prefs: Sequence[np.ndarray]) -> float | None:
 
 def near_twin_rate(prefs: Sequence[np.ndarray], threshold: float = NEAR_TWIN_COSINE) -> float | None:
     """Share of users (with at least 2 preferences) whose two closest preferences have a cosine of ``threshold``
-    or more: lists that state one thing twice in two word forms ("a focus on" / "focused on"), which no
-    explanation can tell apart. None when no user has 2."""
+    or more: two preferences an explanation can hardly tell apart, whether two word forms ("a focus on" /
+    "focused on") or two slots opening alike ("Drama movies with ..."). None when no user has 2."""
     flags = []
     for p in prefs:
         if len(p) < 2:

@@ -65,8 +65,8 @@ class EpochProgress:
 
     def __init__(self, folder: str | Path, patience: int, epochs: int) -> None:
         self.folder, self.patience, self.epochs = Path(folder), patience, epochs
-        state = self._newest()
-        self.base = state[0] if state else 0  # a resumed run: what was done before counts for neither
+        self._state = self._newest()  # the last read: bound() uses the one each count made
+        self.base = self._state[0] if self._state else 0  # a resumed run: what was done before counts for neither
 
     def _newest(self) -> tuple[int, int] | None:
         """(epochs finished, best epoch, 0-based) of the newest checkpoint that is whole."""
@@ -86,11 +86,12 @@ class EpochProgress:
         return None
 
     def __call__(self) -> int:
-        state = self._newest()
-        return max(0, state[0] - self.base) if state else 0
+        self._state = self._newest()
+        return max(0, self._state[0] - self.base) if self._state else 0
 
     def bound(self) -> tuple[int, str] | None:
-        state = self._newest()
+        """The early-stopping limit as of the last count (the progress tick counts first, then asks)."""
+        state = self._state
         if state is None:
             return None
         limit = min(self.epochs, state[1] + 1 + self.patience)
