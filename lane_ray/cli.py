@@ -507,7 +507,8 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False, feats=None
                 f"better validation NDCG@10")
         # one Ray Train checkpoint per epoch; the ETA runs to the epoch early stopping ends at, at the latest
         epochs = EpochProgress(out / "ray_train" / run_name(tc), tc.patience, tc.epochs)
-        expect(tc.epochs - epochs.base, epochs, "epochs", epochs.bound)
+        expect(tc.epochs - epochs.base, epochs, "epochs", epochs.bound,
+               rate_key=f"epochs/train/{tc.backbone}/{tc.variant}/{tc.num_workers}")
         summary = train_variant(tc, cfg.ray, out, feats, quiet=quiet)
         st.rows = feats.split.num_users
         st.extra = {"epochs": summary["epochs"], "seconds_per_epoch": summary["seconds_per_epoch"],

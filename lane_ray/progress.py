@@ -198,14 +198,71 @@ _RUNS: list[RunProgress] = []
 _STAGES: list[Stage] = []
 
 
-def expect(total: int, counter: Any, unit: str, bound: Any = None) -> None:
+def rates_path() -> Path:
+    """Where stages keep the pace they reached on this machine (``$LANE_CACHE_DIR`` or ``~/.cache/lane_ray``)."""
+    return Path(os.environ.get("LANE_CACHE_DIR") or Path.home() / ".cache" / "lane_ray") / "stage_rates.json"
+
+
+# Units per second that a first run on a machine starts its estimate from: the default models on a 2-core CPU
+# (docs/llm.md, docs/embedding.md). Keys are ``rate_key`` values of :func:`expect`.
+DEFAULT_RATES = {
+    "preferences/transformers/cpu": 1.5,
+    "explanations/transformers/cpu": 0.6,
+    "texts/embed": 700.0,
+}
+
+
+def llm_rate_key(stage: str, backend_kind: str, model_id: str, gpus: float) -> str:
+    """The :func:`expect` ``rate_key`` of an LLM stage: a local model's pace depends on the device, a served
+    model's on the server."""
+    if backend_kind == "transformers":
+        return f"{stage}/transformers/{'gpu' if gpus else 'cpu'}"
+    return f"{stage}/{backend_kind}/{model_id}"
+
+
+def _rates() -> dict[str, float]:
+    try:
+        doc = json.loads(rates_path().read_text())
+        return {str(k): float(v) for k, v in doc.items() if float(v) > 0}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def estimate(key: str | None, total: int, unit: str) -> str | None:
+    """How long ``total`` ``unit`` will roughly take, from the pace this machine's last run of the same kind
+    reached (``rate_key``), else from :data:`DEFAULT_RATES`, and what the figure rests on; None without either."""
+    rate, basis = None, ""
+    if key:
+        rate = _rates().get(key)
+        basis = "the pace of this machine's last run"
+        if rate is None and key in DEFAULT_RATES:
+            rate, basis = DEFAULT_RATES[key], "the pace measured on a 2-core CPU"
+    if not rate:
+        return None
+    per = f"{rate:,.2f} {unit}/s" if rate < 10 else f"{rate:,.0f} {unit}/s"
+    return f"roughly {_clock(total / rate)} at {per} ({basis})"
+
+
+def record_rate(key: str, rate: float) -> None:
+    """Keep ``rate`` (units per second) as this machine's pace for ``key``; best effort."""
+    rates = _rates()
+    rates[key] = round(rate, 4)
+    try:
+        rates_path().parent.mkdir(parents=True, exist_ok=True)
+        write_json(rates_path(), rates)
+    except OSError:
+        pass
+
+
+def expect(total: int, counter: Any, unit: str, bound: Any = None, rate_key: str | None = None) -> None:
     """Tell the running :class:`Stage` (if any) how much work it has (``total`` ``unit``) and how to count what is
-    done (``counter()``, e.g. a :class:`NewEntries`): it then logs progress with rate and ETA every
-    :func:`progress_interval` seconds and keeps ``progress.json`` current. ``bound()``, when given, returns
-    ``(limit, why)``, the most ``unit`` the stage can still reach in all (training that stops early), or None:
-    the ETA then runs to the limit. A no-op outside a Stage."""
+    done (``counter()``, e.g. a :class:`NewEntries`): it logs what it will do and roughly how long that takes
+    (:func:`estimate` for ``rate_key``), then progress with rate and ETA every :func:`progress_interval` seconds,
+    and keeps ``progress.json`` current; at its end it keeps the pace reached for ``rate_key``. ``bound()``,
+    when given, returns ``(limit, why)``, the most ``unit`` the stage can still reach in all (training that
+    stops early), or None: the ETA then runs to the limit. A no-op outside a Stage."""
     if _STAGES and total > 0:
-        _STAGES[-1].watch(total, counter, unit, bound)
+        _STAGES[-1].watch(total, counter, unit, bound, rate_key)
 
 
 def pace(done: int, total: int, seconds: float, unit: str, limit: tuple[int, str] | None = None) -> str:
@@ -241,6 +298,7 @@ class Stage:
         self._prefix = self._run.position(name) if self._run else ""
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._pace: tuple[str | None, Any, float] | None = None  # (rate_key, counter, start) of the watched work
 
     def _log(self, msg: str) -> None:
         if not self.quiet:
@@ -257,12 +315,17 @@ class Stage:
         self._tree.__enter__()
         return self
 
-    def watch(self, total: int, counter: Any, unit: str, bound: Any = None) -> None:
-        """Report ``counter()`` of ``total`` ``unit`` every :func:`progress_interval` seconds until the stage ends
-        (``bound``: see :func:`expect`)."""
+    def watch(self, total: int, counter: Any, unit: str, bound: Any = None, rate_key: str | None = None) -> None:
+        """Say what the stage will do and roughly how long it takes, then report ``counter()`` of ``total`` ``unit``
+        every :func:`progress_interval` seconds until the stage ends (``bound``, ``rate_key``: see :func:`expect`)."""
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
+        at_most = "at most " if bound is not None else ""
+        rough = estimate(rate_key, total, unit)
+        self._log(f"{at_most}{total:,} {unit} to do, " + (f"{at_most}{rough}" if rough else
+                                                           "no earlier pace to estimate from yet"))
+        self._pace = (rate_key, counter, time.perf_counter())
         self._stop = threading.Event()
         if self._run:
             self._run.update(self.name, done=0, total=total, unit=unit)
@@ -284,6 +347,16 @@ class Stage:
             if self._run:
                 self._run.update(self.name, done=done, total=total, unit=unit, rate_per_s=round(rate, 2))
 
+    @staticmethod
+    def _keep_pace(key: str, counter: Any, t0: float) -> None:
+        try:
+            done = int(counter())
+        except Exception:  # noqa: BLE001 - best effort, as the progress lines
+            return
+        seconds = time.perf_counter() - t0
+        if done > 0 and seconds > 1.0:
+            record_rate(key, done / seconds)
+
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
         if self._ticker is not None:
@@ -292,6 +365,8 @@ class Stage:
         self._sampler.__exit__()
         self._tree.__exit__()
         self.seconds = round(time.perf_counter() - self._t0, 3)
+        if et is None and self._pace is not None and self._pace[0]:
+            self._keep_pace(*self._pace)
         tree = max(self._tree.peak_mb, self._sampler.peak_mb)  # the tree sampler is slower: it may miss a peak
         if et is not None:
             self._log(f"failed after {self.seconds:.1f}s")

@@ -12,6 +12,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_lane_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stages keep the pace they reach in ``$LANE_CACHE_DIR`` (lane_ray/progress.py): a folder of the test
+    session's, not the user's cache (subprocesses and Ray workers inherit it)."""
+    os.environ["LANE_CACHE_DIR"] = str(tmp_path_factory.mktemp("lane-cache"))
+
+
 def write(path: Path, content: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gz":

@@ -625,7 +625,7 @@ def _embed_texts(input_path: Path, out: Path, cfg: EmbedConfig, ray_cfg: RayConf
         run: dict[str, Any] = {"seconds": 0.0}
         dim = _model_dim(cfg.model)
         if p.n_todo:
-            expect(p.n_todo, NewEntries(out), "texts")
+            expect(p.n_todo, NewEntries(out), "texts", rate_key="texts/embed")
             run = _run_ray(input_path, out, spec, p, cfg, ray_cfg, enc_id, dim)
         comp = compact(out, spec, p)
     rows_out = sum(pq.read_metadata(f).num_rows for f in out.glob(f"{PART_PREFIX}*.parquet"))

@@ -42,7 +42,7 @@ from lane_ray.llm.explain import (
 from lane_ray.llm.explain_checks import ROW_CHECKS, Vocabulary, check_rates, compute_checks
 from lane_ray.llm.prompts import HistoryItem
 from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
-from lane_ray.progress import NewEntries, RssSampler, expect, log
+from lane_ray.progress import NewEntries, RssSampler, expect, llm_rate_key, log
 from lane_ray.text.rows import key64
 
 CANDIDATE_COLUMNS = ("user_id", "item_id", "rank", "score", "pref_contrib", "pref_share", "history_item_ids",
@@ -392,7 +392,8 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
             ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs,
                     "settings": settings.__dict__.copy(),
                     "niceness": niceness if use_ray else None}  # in-process: never renice the driver
-            expect(int(todo_idx.size), NewEntries(out), "explanations")
+            expect(int(todo_idx.size), NewEntries(out), "explanations",
+                   rate_key=llm_rate_key("explanations", backend_kind, model_id, gpus_per_actor))
             map_to_parts(table, ExplainBatch, ctor, out, batch_size, actors, cpus_per_actor, gpus_per_actor,
                          use_ray, worker=ExplainBatch(**ctor, backend=backend) if not use_ray else None)
             gen_seconds = time.perf_counter() - t1

@@ -22,7 +22,7 @@ from lane_ray.io import read_parquet, write_json
 from lane_ray.llm.preferences import ExtractionSettings, UserHistory, catalogue_vocabulary, extract_batch
 from lane_ray.llm.prompts import HistoryItem
 from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
-from lane_ray.progress import NewEntries, RssSampler, expect, log
+from lane_ray.progress import NewEntries, RssSampler, expect, llm_rate_key, log
 from lane_ray.text.rows import key64, text_sha1
 
 PREFERENCES_SCHEMA = pa.schema([
@@ -162,7 +162,8 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
             t1 = time.perf_counter()
             ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs, "settings": settings_d,
                     "niceness": niceness if use_ray else None}  # in-process: never renice the driver
-            expect(len(todo_users), NewEntries(out), "users")
+            expect(len(todo_users), NewEntries(out), "users",
+                   rate_key=llm_rate_key("preferences", backend_kind, model_id, gpus_per_actor))
             map_to_parts(table, ExtractBatch, ctor, out, batch_size, actors, cpus_per_actor, gpus_per_actor, use_ray)
             ray_info = {"seconds": round(time.perf_counter() - t1, 3), "blocks": math.ceil(len(todo_users) /
                                                                                           batch_size)}

@@ -82,6 +82,33 @@ def test_run_progress_numbers_stages_reports_work_and_records_states(tmp_path, c
     assert timings["embed"]["peak_tree_rss_mb"] >= timings["embed"]["peak_rss_mb"] > 0
 
 
+def test_first_line_says_what_a_stage_will_do_and_roughly_how_long(tmp_path, monkeypatch, capsys):
+    from lane_ray.progress import DEFAULT_RATES, estimate, rates_path
+
+    monkeypatch.setenv("LANE_CACHE_DIR", str(tmp_path / "cache"))
+    key = "preferences/transformers/cpu"
+    total = 600
+    first = estimate(key, total, "users")
+    seconds = int(total / DEFAULT_RATES[key])
+    assert "2-core CPU" in first and f"roughly {seconds // 60}m{seconds % 60:02d}s" in first
+    assert estimate("embed/other", 10, "texts") is None
+    out = tmp_path / "parts"
+    out.mkdir()
+    with Stage("preferences", tmp_path):
+        expect(4, NewEntries(out), "users", rate_key=key)
+        parts(out, 1, rows=4)
+        time.sleep(1.1)  # a pace is kept only after a second of work
+    err = capsys.readouterr().err
+    assert "preferences: 4 users to do, roughly" in err
+    kept = json.loads(rates_path().read_text())[key]
+    assert 0 < kept <= 4 / 1.1
+    assert "this machine's last run" in estimate(key, 100, "users")
+    # training's bound: the epochs are a limit, not a promise
+    with Stage("train", tmp_path):
+        expect(200, lambda: 0, "epochs", bound=lambda: None, rate_key="epochs/x")
+    assert "at most 200 epochs to do, no earlier pace to estimate from yet" in capsys.readouterr().err
+
+
 def test_expect_outside_a_stage_is_a_no_op(tmp_path):
     expect(10, NewEntries(tmp_path), "rows")  # nothing to report into; must not raise or start threads
     assert threading.active_count() >= 1
