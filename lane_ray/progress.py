@@ -91,14 +91,13 @@ def progress_interval() -> float:
 
 
 class NewEntries:
-    """Counts what appeared in a folder since it was created: rows of new ``part-*.parquet`` files (the atomic
-    parts every Ray Data stage writes; a part is renamed into place whole, so a listed part is complete), or
-    new entries matching a pattern (``checkpoint_*`` of Ray Train: one per epoch)."""
+    """Counts the rows of the ``part-*.parquet`` files that appeared in a folder since it was created (the atomic
+    parts every Ray Data stage writes; a part is renamed into place whole, so a listed part is complete)."""
 
-    def __init__(self, folder: str | Path, pattern: str = "part-*.parquet", rows: bool = True) -> None:
+    def __init__(self, folder: str | Path, pattern: str = "part-*.parquet") -> None:
         from lane_ray.storage import remote_dir
 
-        self.folder, self.pattern, self.rows = Path(folder), pattern, rows
+        self.folder, self.pattern = Path(folder), pattern
         self.remote = remote_dir(folder)  # a run staged from s3:// / gs://: workers write there
         self._before = self._names()
         self._seen: dict[str, int] = {}
@@ -133,7 +132,7 @@ class NewEntries:
     def __call__(self) -> int:
         for name in self._names() - self._before - set(self._seen):
             try:
-                self._seen[name] = self._rows(name) if self.rows else 1
+                self._seen[name] = self._rows(name)
             except (OSError, ValueError):  # removed by a compaction in between, or still being renamed
                 continue
         return sum(self._seen.values())

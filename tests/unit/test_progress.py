@@ -32,10 +32,6 @@ def test_new_entries_counts_rows_of_new_parts_only(tmp_path):
     parts(tmp_path, 3, rows=4)
     (tmp_path / ".part-unfinished.parquet.tmp").write_bytes(b"partial")  # a write in flight is not counted
     assert count() == 12
-    ckpts = NewEntries(tmp_path, "checkpoint_*", rows=False)
-    (tmp_path / "checkpoint_2026-01-01").mkdir()
-    (tmp_path / "checkpoint_2026-01-02").mkdir()
-    assert ckpts() == 2
 
 
 def test_run_progress_numbers_stages_reports_work_and_records_states(tmp_path, capsys):
