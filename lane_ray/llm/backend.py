@@ -5,11 +5,14 @@ OpenAI-compatible server). Heavy imports stay inside them.
 
 Constraints are backend-neutral :class:`Template` values: a sequence of fixed text, free JSON-string text
 and choices among fixed options. The ``transformers`` backend enforces one with a logits processor; vLLM
-and OpenAI-compatible servers get the equivalent regular expression (:meth:`Template.to_regex`).
+gets the equivalent regular expression (:meth:`Template.to_regex`), and OpenAI-compatible servers one of
+the forms they take: a JSON schema (:meth:`Template.to_json_schema`), a llama.cpp GBNF grammar
+(:meth:`Template.to_gbnf`) or the regular expression.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +38,106 @@ def _literal(text: str) -> str:
 def _class_char(ch: str) -> str:
     # inside [...]: ASCII punctuation as a \xNN escape, which every engine reads as the character itself
     return ch if ch.isalnum() or ord(ch) > 0x7F else f"\\x{ord(ch):02x}"
+
+
+def _free_class(seg: FreeText) -> str:
+    """The character class of a free text: its allow-list, or every JSON-string character but brackets."""
+    allowed = sorted(set(seg.chars) - set(FORBIDDEN_FREE_CHARS))
+    return "[" + "".join(_class_char(c) for c in allowed) + "]" if allowed else _FREE_CLASS
+
+
+def _free_bounds(seg: FreeText, chars_per_token: int) -> tuple[int, int]:
+    """Character bounds of a free text: at least one character when ``min_tokens`` > 0, at most
+    ``max_tokens * chars_per_token``."""
+    return (1 if seg.min_tokens else 0), max(1, seg.max_tokens * chars_per_token)
+
+
+def _free_parts(seg: FreeText, chars_per_token: int, after_word: bool) -> list[str]:
+    """A free text as character-class terms, each valid both in a regex and in GBNF (joined without or with
+    spaces). After a word character of fixed text (``after_word``), a free text whose characters include the
+    space opens with a space and then a non-space character: an engine that constrains characters, not tokens,
+    would otherwise let one token run on from the fixed word ("with" + "ers": " withers"), which the
+    ``transformers`` backend's token-level template never does (it forces the fixed text's own tokens)."""
+    lo, hi = _free_bounds(seg, chars_per_token)
+    cls = _free_class(seg)
+    allowed = set(seg.chars) - set(FORBIDDEN_FREE_CHARS)
+    if not after_word or (allowed and " " not in allowed):
+        return [f"{cls}{{{lo},{hi}}}"]
+    rest = max(hi, 2) - 2
+    word = ("[" + "".join(_class_char(c) for c in sorted(allowed - {" "})) + "]") if allowed \
+        else _FREE_CLASS.replace("\\x1f]", "\\x20]")
+    parts = ["[\\x20]", word] + ([f"{cls}{{0,{rest}}}"] if rest else [])
+    return parts if lo else ["(", *parts, ")?"]
+
+
+def _ends_in_word(seg: object, before: str) -> bool:
+    """Whether the text before the next segment ends with a letter or digit: ``before`` (the prefill) for the
+    first segment, else the segment's text (every option of a choice)."""
+    if seg is None:
+        return bool(before) and before[-1].isalnum()
+    if isinstance(seg, Text):
+        return bool(seg.text) and seg.text[-1].isalnum()
+    if isinstance(seg, Choice):
+        return all(o[-1].isalnum() for o in seg.options)
+    return False
+
+
+# Pattern literals for JSON-schema ``pattern`` strings: llama.cpp's schema-to-grammar converter (and its Python
+# port in llama-cpp-python) copies a pattern's literal text into a GBNF string, where only \" \\ \[ \] and
+# \x.. \u.. \t \n \r are escapes: ``\.`` would be refused. So ``.``, ``^`` and ``$`` are one-character
+# classes, and the other metacharacters (which it unescapes) a backslash escape; vLLM's engines and
+# Python's ``re`` read both alike.
+_PATTERN_CLASS = {".": "[.]", "^": "[\\x5e]", "$": "[$]"}
+_PATTERN_ESCAPED = set("[]()|{}*+?")
+
+
+def _pattern_literal(text: str) -> str:
+    return "".join(_PATTERN_CLASS.get(ch) or ("\\" + ch if ch in _PATTERN_ESCAPED else ch) for ch in text)
+
+
+def _gbnf_literal(text: str) -> str:
+    """``text`` as a GBNF string literal (llama.cpp grammar syntax)."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+class UnsupportedTemplate(ValueError):
+    """A template that a constraint form cannot express (e.g. a JSON schema for a reply that is not JSON)."""
+
+
+# Placeholders for the non-fixed segments while the skeleton (prefill + template) is read as JSON: characters
+# of Unicode's private use area, which no template text carries (checked).
+_HOLE_OPEN, _HOLE_CLOSE = "\ue000", "\ue001"
+_HOLE = re.compile(_HOLE_OPEN + r"(\d+)" + _HOLE_CLOSE)
+
+
+def _json_string_state(text: str, in_str: bool, esc: bool) -> tuple[bool, bool]:
+    """Whether JSON text that was inside a string (``in_str``, after a backslash: ``esc``) is inside one after
+    ``text``."""
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+    return in_str, esc
 
 
 @dataclass(frozen=True)
@@ -180,11 +283,76 @@ class Template:
             elif isinstance(seg, Choice):
                 parts.append("(" + "|".join(_literal(o) for o in seg.options) + ")")
             else:
-                lo, hi = (1 if seg.min_tokens else 0), max(1, seg.max_tokens * chars_per_token)
-                allowed = sorted(set(seg.chars) - set(FORBIDDEN_FREE_CHARS))
-                cls = "[" + "".join(_class_char(c) for c in allowed) + "]" if allowed else _FREE_CLASS
-                parts.append(f"{cls}{{{lo},{hi}}}")
+                lo, hi = _free_bounds(seg, chars_per_token)
+                parts.append(f"{_free_class(seg)}{{{lo},{hi}}}")
         return "".join(parts)
+
+    def to_gbnf(self, prefill: str = "", chars_per_token: int = 8) -> str:
+        """A llama.cpp GBNF grammar (the ``grammar`` request field of llama.cpp's servers) for ``prefill`` followed
+        by this template: the reply a server writes when it cannot continue a prefilled assistant turn. Fixed text
+        and choices are literals, a free text its character class (as in :meth:`to_regex`) with a ``{min,max}``
+        repetition: the same character bounds as :meth:`to_regex`, except that a free text right after a
+        letter or digit of fixed text opens with a space and a non-space character (a character-level engine
+        would otherwise let one token run on from the fixed word: " movies with" + "ers"). Every template can be
+        written so; the token-level rules have no grammar form (as for the regex)."""
+        parts = [_gbnf_literal(prefill)] if prefill else []
+        prev: object = None
+        for seg in self.segments:
+            if isinstance(seg, Text):
+                if seg.text:
+                    parts.append(_gbnf_literal(seg.text))
+            elif isinstance(seg, Choice):
+                parts.append("(" + " | ".join(_gbnf_literal(o) for o in seg.options) + ")")
+            else:
+                parts.extend(_free_parts(seg, chars_per_token, _ends_in_word(prev, prefill)))
+            prev = seg
+        return "root ::= " + (" ".join(parts) if parts else '""')
+
+    def to_json_schema(self, prefill: str = "", chars_per_token: int = 8) -> dict:
+        """A JSON schema whose instances are the replies ``prefill`` + this template can give, for servers that
+        constrain replies by a schema (OpenAI's ``response_format`` ``json_schema``, llama-cpp-python's
+        ``json_object`` with a ``schema``). Raises :class:`UnsupportedTemplate` when the template is not
+        JSON-shaped: the skeleton (prefill, fixed text, and a placeholder for each choice and free text) must
+        parse as JSON with every free text inside a string, and every key fixed.
+
+        Objects list their keys as ``required`` in order with ``additionalProperties: false``; arrays have
+        exactly their length (``items`` when every element has one schema, else ``prefixItems``); a string of
+        fixed text is an ``enum`` of it, a string that holds a choice alone an ``enum`` of its options, any
+        other string a ``pattern`` anchored with ``^...$`` (fixed text as literals, a choice as an ``(a|b)``
+        group, a free text as in :meth:`to_gbnf`: its character class with the bounds of :meth:`to_regex`, opening
+        with a space after a fixed word); a choice where a JSON
+        value stands (e.g. a number) is an ``enum`` of its options read as JSON. Layout (whitespace between
+        tokens) is up to the server; the values are not.
+
+        Fixed text or options holding a quote, a backslash or a control character inside a string cannot be
+        expressed: pattern-to-grammar converters disagree on whether a pattern reads the JSON text or the
+        decoded value (llama.cpp's reads the text, vLLM's the value); use the grammar form for them."""
+        holes: list[tuple[Choice | FreeText, bool]] = []  # each with whether it follows a word character
+        bare: set[int] = set()
+        skeleton, in_str, esc = prefill, *_json_string_state(prefill, False, False)
+        prev: object = None
+        for i, seg in enumerate(self.segments):
+            after_word, prev = _ends_in_word(prev, prefill), seg
+            if isinstance(seg, Text):
+                skeleton += seg.text
+                in_str, esc = _json_string_state(seg.text, in_str, esc)
+                continue
+            mark = f"{_HOLE_OPEN}{len(holes)}{_HOLE_CLOSE}"
+            if not in_str:
+                if isinstance(seg, FreeText):
+                    raise UnsupportedTemplate(f"segment {i}: a free text outside a JSON string")
+                bare.add(len(holes))
+                mark = '"' + mark + '"'
+            holes.append((seg, after_word))
+            skeleton += mark
+        if _HOLE_OPEN in prefill or any(_HOLE_OPEN in s.text for s in self.segments if isinstance(s, Text)):
+            raise UnsupportedTemplate("the template's text holds a private-use character U+E000")
+        try:
+            value = json.loads(skeleton)
+        except json.JSONDecodeError as e:
+            raise UnsupportedTemplate(f"prefill + template is not JSON ({e.msg} at character {e.pos} of "
+                                      f"{skeleton[max(0, e.pos - 20): e.pos + 20]!r})") from None
+        return _schema_of(value, holes, bare, chars_per_token)
 
     def max_chars(self, chars_per_token: int = 8) -> int:
         """The longest text :meth:`to_regex` accepts; every token is at least one character, so it also
@@ -202,6 +370,61 @@ class Template:
     def matches(self, text: str) -> bool:
         """Whether ``text`` has this template's shape (character bounds as in :meth:`to_regex`)."""
         return re.fullmatch(self.to_regex(chars_per_token=64), text, flags=re.DOTALL) is not None
+
+
+def _decoded(text: str, where: str, raw: bool = True) -> str:
+    """Template text that sits inside a JSON string, decoded (``\\"`` -> ``"``) when ``raw``, and checked to be
+    expressible in a schema pattern (no quote, backslash or control character)."""
+    try:
+        value = json.loads('"' + text + '"') if raw else text
+    except json.JSONDecodeError:
+        raise UnsupportedTemplate(f"{where}: {text!r} is not the inside of a JSON string") from None
+    if any(ch in '"\\' or ord(ch) < 0x20 for ch in value):
+        raise UnsupportedTemplate(f"{where}: {value!r} holds a quote, backslash or control character, which "
+                                  "schema patterns cannot carry portably (use the grammar form)")
+    return value
+
+
+def _schema_of(value: object, holes: list[tuple[Choice | FreeText, bool]], bare: set[int], cpt: int) -> dict:
+    if isinstance(value, dict):
+        if any(_HOLE_OPEN in k for k in value):
+            raise UnsupportedTemplate("a JSON key is not fixed text")
+        return {"type": "object", "properties": {k: _schema_of(v, holes, bare, cpt) for k, v in value.items()},
+                "required": list(value), "additionalProperties": False}
+    if isinstance(value, list):
+        items = [_schema_of(v, holes, bare, cpt) for v in value]
+        n = len(items)
+        if items and all(x == items[0] for x in items):
+            return {"type": "array", "items": items[0], "minItems": n, "maxItems": n}
+        return {"type": "array", "prefixItems": items, "items": False, "minItems": n, "maxItems": n}
+    if not isinstance(value, str):
+        return {"enum": [value]}
+    pieces = _HOLE.split(value)  # text, hole, text, hole, ..., text
+    if len(pieces) == 1:
+        return {"type": "string", "enum": [value]}
+    if len(pieces) == 3 and not pieces[0] and not pieces[2]:
+        k = int(pieces[1])
+        seg = holes[k][0]
+        if k in bare:
+            assert isinstance(seg, Choice)
+            try:
+                return {"enum": [json.loads(o) for o in seg.options]}
+            except json.JSONDecodeError:
+                raise UnsupportedTemplate(f"a choice outside a JSON string has an option that is not a JSON value: "
+                                          f"{seg.options}") from None
+        if isinstance(seg, Choice):
+            return {"type": "string", "enum": [_decoded(o, "choice option") for o in seg.options]}
+    pattern = []
+    for j, piece in enumerate(pieces):
+        if j % 2 == 0:
+            pattern.append(_pattern_literal(_decoded(piece, "fixed text", raw=False)) if piece else "")
+            continue
+        seg, after_word = holes[int(piece)]
+        if isinstance(seg, Choice):
+            pattern.append("(" + "|".join(_pattern_literal(_decoded(o, "choice option")) for o in seg.options) + ")")
+        else:
+            pattern.extend(_free_parts(seg, cpt, after_word))
+    return {"type": "string", "pattern": "^" + "".join(pattern) + "$"}
 
 
 def json_string_array(m: int, slots_done: int = 0, min_tokens: int = 2, max_tokens: int = 16,
