@@ -238,15 +238,25 @@ class LLMConfig(_Section):
     enforce_eager: bool = Field(
         False, description="vllm: skip CUDA-graph capture and compilation (engine starts faster, decodes slower)."
     )
-    base_url: str | None = Field(None, description="openai: server base URL, e.g. http://127.0.0.1:8000/v1.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
-    timeout_s: float = Field(120.0, gt=0, description="openai: request timeout in seconds.")
+    base_url: str | None = Field(
+        None, description="openai: server base URL, e.g. http://127.0.0.1:8000/v1 (unset: $OPENAI_BASE_URL).")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: environment variable holding the API key (unset or empty: "
+        "$OPENAI_API_KEY; neither set: no key is sent).")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds one request attempt may take.")
     max_concurrency: int = Field(8, ge=1, description="openai: concurrent requests per actor.")
-    constraint_mode: Literal["both", "structured_outputs", "guided_regex", "lane_template", "none"] = Field(
-        "both", description="openai: which output-constraint fields requests carry: vLLM's `structured_outputs` "
-        "regex, the older `guided_regex`, `lane_template` (our own server), both of the first and last, or none.")
+    constraint_format: Literal["auto", "json_schema", "grammar", "regex", "none"] = Field(
+        "auto", description="openai: how requests carry the output template. json_schema: response_format "
+        "json_schema (vLLM, llama.cpp's llama-server), or llama-cpp-python's json_object + schema where the server "
+        "refuses json_schema (found by one probe request); grammar: a llama.cpp GBNF grammar in the `grammar` "
+        "field; regex: vLLM's structured_outputs regex, with the prefill continued (continue_final_message); none: "
+        "no constraint (parsing, repair and retries cope); auto: probe the server once per backend with a small "
+        "template, in the order json_schema, json_object, grammar, regex, and use the first form whose reply follows "
+        "it (refused or ignored forms are skipped); a server that enforces none is an error, never a silent "
+        "fallback to unconstrained replies.")
     request_retries: int = Field(
-        3, ge=0, description="openai: retries of a request after HTTP 429/5xx or a dropped connection (backoff).")
+        3, ge=0, description="openai: retries of a request after HTTP 408/409/429/5xx, a timeout or a failed "
+        "connection (the openai client's exponential backoff, Retry-After honoured).")
 
 
 class _LLMActors(_Section):

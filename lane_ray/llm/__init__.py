@@ -52,14 +52,16 @@ def backend_kwargs(llm: LLMConfig) -> dict[str, Any]:
                 "enforce_eager": llm.enforce_eager}
     return {"model": llm.model, "base_url": llm.base_url, "api_key_env": llm.api_key_env,
             "timeout_s": llm.timeout_s, "max_concurrency": llm.max_concurrency,
-            "constraint_mode": llm.constraint_mode, "max_retries": llm.request_retries}
+            "constraint_format": llm.constraint_format, "max_retries": llm.request_retries}
 
 
 def model_identity(llm: LLMConfig) -> str:
     """The model id used in cache keys, computed without loading the model: for local files the name plus
     a hash of the file sizes; for a served model its name and server."""
     if llm.backend == "openai":
-        return f"{llm.model}@{llm.base_url}"
+        from lane_ray.llm.openai_backend import resolve_base_url
+
+        return f"{llm.model}@{resolve_base_url(llm.base_url)}"
     from lane_ray.llm.transformers_backend import llm_id
 
     if llm.backend == "vllm":
