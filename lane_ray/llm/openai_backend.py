@@ -38,10 +38,10 @@ Request body (one per conversation, ``n = 1``)::
 it and open a new one, so the model repeats it). With ``json_schema``, ``json_object``, ``grammar`` and
 ``none`` the prefill is therefore not sent: the constraint covers prefill + template, ``max_tokens`` is raised
 by the prefill's length in characters (plus slack for the layout a schema leaves free), and the prefill is
-stripped from the reply, so :attr:`Generation.text` is still the text after the prefill. A JSON reply laid out
-differently (llama.cpp's schema grammars allow a space after each token) is re-serialised first
-(``json.dumps``: one space after ``,`` and ``:``, the templates' layout). A reply that does not start with the
-prefill even so is returned whole; the callers' parsers find the JSON value in it. Only ``regex`` (vLLM) sends
+stripped from the reply, so :attr:`Generation.text` is still the text after the prefill. A reply that is one
+JSON value is re-serialised first (``json.dumps``: one space after ``,`` and ``:``, the templates' layout;
+llama.cpp's schema grammars allow a space around each token). A reply that does not start with the prefill even
+so is returned whole; the callers' parsers find the JSON value in it. Only ``regex`` (vLLM) sends
 the prefill with ``continue_final_message``. ``Generation.extra["constraint_format"]`` records the form used.
 
 Errors are :class:`LLMServerError` (a :class:`~lane_ray.errors.LaneError`): one line naming the URL and the
