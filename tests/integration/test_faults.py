@@ -138,6 +138,7 @@ def many_users(tmp_path) -> Path:
 
 def _openai(server: FaultyLLM) -> list[str]:
     return ["--set", "llm.backend=openai", "--set", f"llm.base_url={server.base_url}", "--set", "llm.model=faulty",
+            "--set", "llm.constraint_format=none",  # a garbage server enforces nothing: auto would refuse it
             "--set", "llm.request_retries=0", "--set", "preferences.max_retries=1", "--set", "preferences.embed=false",
             "--set", "preferences.batch_size=1", "--set", "ray.num_cpus=2"]
 
