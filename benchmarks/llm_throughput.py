@@ -63,18 +63,16 @@ class Profile:
         self.n: Counter[str] = Counter()
 
     def attach(self, backend: Any) -> None:
-        import time as _time
-
         model = getattr(backend, "model", None)
         if model is not None:
             def pre(mod: Any, args: Any, kwargs: Any) -> None:
-                mod._lane_t0 = _time.perf_counter()
+                mod._lane_t0 = time.perf_counter()
 
             def post(mod: Any, args: Any, kwargs: Any, out: Any) -> None:
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 kind = "prompt_forward" if ids is not None and ids.shape[1] >= PROMPT_TOKENS_PER_ROW else \
                     "decode_forward"
-                self.t[kind] += _time.perf_counter() - mod._lane_t0
+                self.t[kind] += time.perf_counter() - mod._lane_t0
                 self.n[kind] += 1
                 if ids is not None:
                     self.n[kind + "_tokens"] += int(ids.numel())
