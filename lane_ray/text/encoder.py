@@ -74,6 +74,19 @@ def encoder_id(name_or_path: str) -> str:
     return f"{name}@{h.hexdigest()[:12]}"
 
 
+def _meta_model_kwargs() -> dict[str, Any]:
+    """``from_pretrained`` arguments that build the model on the ``meta`` device. transformers >= 5 swaps layers
+    for hub kernels by default when the ``kernels`` package is installed, and that refuses a ``meta`` device:
+    kernels are turned off for a model that never runs."""
+    import transformers
+    from packaging.version import Version
+
+    kwargs: dict[str, Any] = {"device_map": "meta"}
+    if Version(transformers.__version__) >= Version("5.0"):
+        kwargs["use_kernels"] = False
+    return kwargs
+
+
 class TextEncoder:
     """Encodes texts to L2-normalised float32 vectors ``[N, dim]``.
 
@@ -112,7 +125,7 @@ class TextEncoder:
             self._model = SentenceTransformer(str(folder), device=device, local_files_only=True)
         else:  # the modules and their preprocessing, parameters without storage: nothing is read or allocated
             self.device = "meta"
-            self._model = SentenceTransformer(str(folder), local_files_only=True, model_kwargs={"device_map": "meta"})
+            self._model = SentenceTransformer(str(folder), local_files_only=True, model_kwargs=_meta_model_kwargs())
         if max_seq_length is not None:
             self._model.max_seq_length = max_seq_length
         self.fp16 = weights and (device.startswith("cuda") if fp16 is None else fp16)
