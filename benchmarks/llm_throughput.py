@@ -116,14 +116,26 @@ class Profile:
 
 
 def _explain_requests(users: list[Any], catalog: Any, m: int, seed: int) -> list[Any]:
-    """One synthetic explanation request per user (see the module docstring)."""
+    """One synthetic explanation request per user (see the module docstring). Code versions from before the
+    item-level attribution take per-user ``weights`` (the positive contributions) instead, and take their
+    catalogue items from the users' histories."""
+    import dataclasses
     import random
 
     from lane_ray.llm.explain import ExplainRequest
     from lane_ray.llm.preferences import fallback_preferences
-    from lane_ray.pipeline.explain import catalogue_items
 
-    items = catalogue_items(catalog)
+    try:
+        from lane_ray.pipeline.explain import catalogue_items
+
+        items = catalogue_items(catalog)
+    except ImportError:  # older code: no catalogue view; every distinct title the users have seen
+        items = {}
+        for u in users:
+            for it in u.items:
+                if all(x.title != it.title for x in items.values()):
+                    items[len(items)] = it
+    fields = {f.name for f in dataclasses.fields(ExplainRequest)}
     ids = sorted(items)
     rng = random.Random(seed)
     reqs = []
@@ -134,12 +146,13 @@ def _explain_requests(users: list[Any], catalog: Any, m: int, seed: int) -> list
         contrib = [rng.uniform(-0.2, 1.0) for _ in prefs]
         history_ids = [i for i in ids if items[i].title in seen][: len(u.items)]
         ev = rng.sample(history_ids, min(2, len(history_ids)))
-        reqs.append(ExplainRequest(
+        kwargs = dict(
             user_id=u.user_id, item_id=target, rank=rng.randint(1, 5), score=rng.uniform(2, 8),
             target=items[target], history=list(u.items), preferences=prefs, pref_contrib=contrib,
             pref_share=sum(c for c in contrib if c > 0), history_ids=history_ids, evidence_ids=ev,
             evidence_contrib=[rng.uniform(0.1, 1.0) for _ in ev], evidence=[items[i] for i in ev],
-            hit_rate=rng.choice([None, 0.01, 0.03, 0.08])))
+            hit_rate=rng.choice([None, 0.01, 0.03, 0.08]), weights=[max(0.0, c) for c in contrib])
+        reqs.append(ExplainRequest(**{k: v for k, v in kwargs.items() if k in fields}))
     return reqs
 
 
