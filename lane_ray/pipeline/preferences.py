@@ -177,10 +177,11 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
     live = np.isin(keys, current) & first
     if not live.all():
         kept = table.filter(pa.array(live))
-        for p in part_files(out):
-            p.unlink()
+        old = part_files(out)
         if kept.num_rows:
             write_part(out, kept)
+        for p in old:  # written first, removed after: a crash in between leaves duplicates, never a loss
+            p.unlink()
     final = read_parquet(out)
     status = Counter(final["status"].to_pylist())
     manifest = {

@@ -199,3 +199,76 @@ def test_driver_killed_half_way_resumes_without_asking_the_llm_again(ray_cluster
     assert sum(server.calls.values()) - sum(calls_first.values()) == 12 - len(done_first)
     print(f"driver SIGKILL: {len(done_first)} of 12 users finished before the kill; the re-run asked the LLM "
           f"{sum(server.calls.values()) - sum(calls_first.values())} times")
+
+
+# ------------------------------------------------------------------------------- preference cache compaction
+
+_COMPACT_AND_DIE = """
+import os, pathlib, signal, sys
+from lane_ray.config import load_config
+from lane_ray.data import load_dataset
+from lane_ray.pipeline.preferences import run_preferences, settings_from_config, user_histories
+
+cfg = load_config(None, [], {"data.dataset": sys.argv[1]})
+prepared = load_dataset(cfg.data)
+users = user_histories(prepared.interactions, prepared.catalog)
+settings = settings_from_config(cfg.preferences, prepared.catalog)
+unlink = pathlib.Path.unlink
+
+def unlink_then_die(self, *a, **k):  # the first part removed by the compaction, then SIGKILL
+    unlink(self, *a, **k)
+    if self.name.startswith("part-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+pathlib.Path.unlink = unlink_then_die
+run_preferences(users, pathlib.Path(sys.argv[2]), "transformers", {}, settings, "cached-model", 8, 1, 1.0, 0.0,
+                use_ray=False)
+"""
+
+
+def test_process_killed_inside_the_compaction_window_loses_no_cached_preference(many_users, tmp_path):
+    """The preference stage drops stale rows by rewriting its parts. A process SIGKILLed right after it removed
+    the first old part keeps every current row (the survivors were written before anything was removed), and the
+    next run serves every user from the cache with no LLM at all."""
+    from lane_ray.config import load_config
+    from lane_ray.data import load_dataset
+    from lane_ray.pipeline.preferences import (
+        PREFERENCES_SCHEMA,
+        run_preferences,
+        settings_from_config,
+        user_histories,
+    )
+    from lane_ray.pipeline.sink import part_files, write_part
+
+    cfg = load_config(None, [], {"data.dataset": str(many_users)})
+    prepared = load_dataset(cfg.data)
+    users = user_histories(prepared.interactions, prepared.catalog)
+    s = settings_from_config(cfg.preferences, prepared.catalog)
+    out = tmp_path / "preferences"
+    out.mkdir()
+
+    def rows(us, version):
+        return pa.Table.from_pylist([{
+            "user_id": u.user_id, "preferences": [f"pref {u.user_id} {k}" for k in range(s.m)], "status": "ok",
+            "history_sha1": u.sha1(s.with_attributes), "model": "cached-model", "prompt_version": version,
+            "raw": "", "new_tokens": 0, "rejected": "{}"} for u in us], schema=PREFERENCES_SCHEMA)
+
+    # two parts of current rows, each with stale rows of an older prompt version the compaction drops
+    half = len(users) // 2
+    write_part(out, pa.concat_tables([rows(users[:half], s.prompt_version), rows(users[:2], "old-version")]))
+    write_part(out, pa.concat_tables([rows(users[half:], s.prompt_version), rows(users[-2:], "old-version")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", _COMPACT_AND_DIE, str(many_users), str(out)], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    survivors = read_parquet(out)
+    current = survivors.filter(pa.compute.equal(survivors["prompt_version"], s.prompt_version))
+    assert set(current["user_id"].to_pylist()) == {u.user_id for u in users}, "a cached preference was lost"
+    assert len(part_files(out)) == 2  # the compacted part and the old part not yet removed
+    # the next run: everything cached (an LLM call would fail: the backend kwargs name no model), compacted
+    manifest = run_preferences(users, out, "openai", {"base_url": "http://127.0.0.1:9/v1"}, s, "cached-model", 8, 1,
+                               1.0, 0.0, use_ray=False)
+    assert manifest["cached"] == len(users) and manifest["extracted_now"] == 0
+    final = read_parquet(out)
+    assert sorted(final["user_id"].to_pylist()) == sorted(u.user_id for u in users)  # once each
+    assert set(final["prompt_version"].to_pylist()) == {s.prompt_version}
