@@ -253,7 +253,7 @@ def write_stand_in(run: Path, m: int = 5, item_noun: str = "movies") -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lane_ray.io import atomic_path
+    from lane_ray.atomic import atomic_path
 
     out = run / "preferences.parquet"
     if out.exists():

@@ -737,8 +737,8 @@ RUN_STAGES = ["data", "embed_catalog", "preferences", "embed_preferences", "trai
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline on one run directory; each stage is skipped when its output is current. Progress of
     every stage is shown in one view (stderr, RUN/progress.json, `lane status RUN`)."""
+    from lane_ray.atomic import atomic_open
     from lane_ray.config import dump_config
-    from lane_ray.io import atomic_open
     from lane_ray.progress import RunProgress, Stage, log
     from lane_ray.report import write_run_report
     from lane_ray.train.features import load_features

@@ -6,49 +6,15 @@ a crash leaves either the old file or the new one, never a partial one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lane_ray.atomic import atomic_open, atomic_path
 from lane_ray.errors import DataError
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is fsync'ed and renamed onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
-    """Open a temporary file for writing that replaces ``path`` atomically when the block succeeds."""
-    with atomic_path(path) as tmp:
-        kwargs = {} if "b" in mode else {"encoding": encoding}
-        with open(tmp, mode, **kwargs) as fh:
-            yield fh
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -27,7 +27,7 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> str:
-    from lane_ray.io import atomic_path
+    from lane_ray.atomic import atomic_path
 
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -224,8 +224,8 @@ def checks_section(run: Path) -> list[str]:
 
 def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.md`` and its PNGs into ``out`` (default ``RUN/report``); returns the report's path."""
+    from lane_ray.atomic import atomic_open
     from lane_ray.errors import DataError
-    from lane_ray.io import atomic_open
 
     run = Path(run_dir)
     if not run.is_dir():

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lane_ray.atomic import atomic_open, publish
 from lane_ray.errors import DataError
 
 
@@ -107,9 +108,8 @@ class RunStorage:
         import json
 
         self.local.mkdir(parents=True, exist_ok=True)
-        tmp = self.local / f".{SYNC_STATE}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.local / SYNC_STATE)
+        with atomic_open(self.local / SYNC_STATE) as fh:
+            fh.write(json.dumps(self.state))
 
     # ------------------------------------------------------------------ listing
     def _remote_files(self, sub: str = "") -> dict[str, tuple[int, int]]:
@@ -160,7 +160,7 @@ class RunStorage:
             with self.fs.open_input_stream(posixpath.join(self.root, rel)) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(8 << 20):
                     dst.write(chunk)
-            os.replace(tmp, dest)
+            publish(tmp, dest)
             st = dest.stat()
             self.state[rel] = [st.st_size, st.st_mtime_ns, rmtime]
             n += 1

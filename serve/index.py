@@ -75,7 +75,8 @@ def build_index(vectors: np.ndarray, kind: str = "hnsw", hnsw_m: int = 32, ef_co
 
 def write_index(out: Path, index: Any, meta: dict[str, Any]) -> Path:
     """``out/index.faiss`` and ``out/index.json``, each written to a temporary name and renamed."""
-    from lane_ray.io import atomic_path, write_json
+    from lane_ray.atomic import atomic_path
+    from lane_ray.io import write_json
 
     faiss = _faiss()
     out.mkdir(parents=True, exist_ok=True)

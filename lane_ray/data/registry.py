@@ -20,9 +20,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lane_ray.atomic import atomic_path, publish
 from lane_ray.config import DataConfig, DatasetFormat
 from lane_ray.errors import DataError, DownloadError
-from lane_ray.io import atomic_path
 
 
 @dataclass(frozen=True)
@@ -206,5 +206,5 @@ def _unzip(archive: Path, folder: Path) -> None:
         dest = folder / child.name
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        os.replace(child, dest)
+        publish(child, dest)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lane_ray.atomic import atomic_path
 from lane_ray.config import SynthConfig
-from lane_ray.io import atomic_path, write_json
+from lane_ray.io import write_json
 
 GENRES = (
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",

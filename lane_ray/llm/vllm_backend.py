@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lane_ray.atomic import publish
 from lane_ray.errors import LaneError
 from lane_ray.llm.backend import (
     Constraint,
@@ -145,7 +146,7 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     try:
-        tmp.rename(out)
+        publish(tmp, out)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -185,7 +185,8 @@ def save_checkpoint(model: SequentialRecommender, directory: str | Path, meta: d
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically)."""
     from safetensors.torch import save_file
 
-    from lane_ray.io import atomic_path, write_json
+    from lane_ray.atomic import atomic_path
+    from lane_ray.io import write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

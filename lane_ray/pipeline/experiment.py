@@ -104,7 +104,7 @@ def aggregate(doc: dict[str, Any], backbones: Sequence[str], variants: Sequence[
 
 def write_report(doc: dict[str, Any], run_dir: Path, backbones: Sequence[str], variants: Sequence[str]) -> None:
     """``ablation.md`` (mean ± std over seeds, both protocols, lane vs id gain, faithfulness) and ``ablation.png``."""
-    from lane_ray.io import atomic_open
+    from lane_ray.atomic import atomic_open
 
     agg = aggregate(doc, backbones, variants)
     lines = ["# Ablation", "", "Test split, all users; mean ± std (sample) over seeds, n = seeds (no spread with one "
@@ -142,7 +142,7 @@ def plot_ablation(agg: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lane_ray.io import atomic_path
+    from lane_ray.atomic import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     backbones = list(agg)

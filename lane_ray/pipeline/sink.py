@@ -3,7 +3,6 @@ compact what it wrote."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,20 +11,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lane_ray.atomic import publish
+
 PART_PREFIX = "part-"
 
 
 def write_part(out: Path, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> Path:
-    """Write ``table`` as ``out/part-<uuid>.parquet`` through a temporary name, fsync and rename."""
+    """Write ``table`` as ``out/part-<uuid>.parquet`` through a temporary name (:func:`lane_ray.atomic.publish`)."""
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
     tmp = out / f".{name}.tmp"
     pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / name)
-    return out / name
+    return publish(tmp, out / name)
 
 
 def write_part_uri(uri: str, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> str:
@@ -100,7 +98,8 @@ def map_to_parts(table: pa.Table, worker_cls: type, ctor_kwargs: dict[str, Any],
         import ray
 
         ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch_size)
-        ds = ds.map_batches(worker_cls, batch_format="pyarrow", batch_size=batch_size, concurrency=(1, actors),
+        ds = ds.map_batches(worker_cls, batch_format="pyarrow", batch_size=batch_size,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, fn_constructor_kwargs=ctor_kwargs)
         ds.write_datasink(make_part_sink(out))
         finish_parts(out)

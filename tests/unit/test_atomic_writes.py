@@ -1,5 +1,5 @@
 """Writes are atomic: a process SIGKILLed at a random moment while it rewrites artifacts leaves each one either
-whole in its old version or whole in its new one, never partial (issue: reliability, 50+ kill trials)."""
+whole in its old version or whole in its new one, never partial."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 TRIALS = 60
 
@@ -20,7 +21,8 @@ def writer(out: str, k: int, conn) -> None:
 
     import pyarrow as pa
 
-    from lane_ray.io import atomic_open, write_json, write_parquet
+    from lane_ray.atomic import atomic_open
+    from lane_ray.io import write_json, write_parquet
     from lane_ray.pipeline.sink import write_part
 
     folder = Path(out)
@@ -81,3 +83,28 @@ def test_killed_writers_leave_old_or_new_never_partial(tmp_path):
             tmp.unlink()  # what a stage's clean-up (remove_unfinished) does before it resumes
     # the kills did land inside writes (a temporary left behind), not only between them
     assert kills_mid_write >= TRIALS // 4
+
+
+def test_publish_moves_files_and_folders_into_place_and_refuses_a_full_folder(tmp_path):
+    from lane_ray.atomic import atomic_path, publish
+
+    (tmp_path / "a.txt").write_text("new")
+    (tmp_path / "dest.txt").write_text("old")
+    assert publish(tmp_path / "a.txt", tmp_path / "dest.txt").read_text() == "new"
+    assert not (tmp_path / "a.txt").exists()
+    folder = tmp_path / "tmpdir"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "x.bin").write_bytes(b"x")
+    publish(folder, tmp_path / "out")
+    assert (tmp_path / "out" / "sub" / "x.bin").read_bytes() == b"x" and not folder.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "y").write_text("y")
+    with pytest.raises(OSError):  # a folder never replaces a folder that holds something
+        publish(other, tmp_path / "out")
+    assert (tmp_path / "out" / "sub" / "x.bin").exists() and (other / "y").exists()
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "dest.txt") as tmp:  # a failed block changes nothing
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert (tmp_path / "dest.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest.txt", "other", "out"]
