@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (DESIGN.md "HTTP API"), as pydantic models.
+"""Request and response bodies of the HTTP API (docs/design.md "HTTP API"), as pydantic models.
 
 Types are strict: ``"k": "10"`` or ``"user_id": true`` is refused rather than coerced. Limits that depend on the
 deployment (``serve.max_k``, ``serve.max_history``, ``serve.max_explain``) are checked by the Ingress, which

@@ -1,6 +1,6 @@
 """Dataset loaders: raw files in their native layouts -> canonical ``interactions`` and ``catalog`` tables.
 
-Every loader returns a :class:`RawDataset` whose tables follow DESIGN.md's schemas (ids int64, timestamps
+Every loader returns a :class:`RawDataset` whose tables follow the schemas of docs/design.md (ids int64, timestamps
 Unix seconds). Nothing is filtered here beyond what a format makes unusable (and that is counted in
 ``RawDataset.dropped``); preprocessing (``lane_ray.data.preprocess``) does the rest.
 """

@@ -1,4 +1,4 @@
-"""Canonical Arrow schemas (DESIGN.md) and helpers that coerce loader output onto them."""
+"""Canonical Arrow schemas (docs/design.md) and helpers that coerce loader output onto them."""
 
 from __future__ import annotations
 
