@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lane_ray.config import load_config
     from lane_ray.llm import backend_kwargs, make_backend, model_identity
-    from lane_ray.pipeline.explain import load_requests, run_explanations, settings_from_config
+    from lane_ray.llm.explain import settings_from_config
+    from lane_ray.pipeline.explain import load_requests, run_explanations
     from lane_ray.text import TextEncoder
 
     cfg = load_config(overrides=args.overrides, values={"explain.mode": args.mode})

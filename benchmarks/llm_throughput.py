@@ -162,7 +162,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from lane_ray.config import load_config
     from lane_ray.data import load_dataset
     from lane_ray.llm import backend_kwargs, make_backend
-    from lane_ray.pipeline.preferences import settings_from_config, user_histories
+    from lane_ray.pipeline.preferences import user_histories
+
+    try:
+        from lane_ray.llm.preferences import settings_from_config
+    except ImportError:  # code versions that kept it with the stage
+        from lane_ray.pipeline.preferences import settings_from_config
 
     cfg = load_config(spec.get("config"), spec["overrides"], {"data.dataset": spec["dataset"]})
     prepared = load_dataset(cfg.data)
@@ -192,7 +197,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                    preferences={str(r.user_id): r.preferences for r in results})
     else:
         from lane_ray.llm.explain import EXPLAIN_PROMPT_VERSION, explain_batch
-        from lane_ray.pipeline.explain import settings_from_config as explain_settings
+        try:
+            from lane_ray.llm.explain import settings_from_config as explain_settings
+        except ImportError:  # code versions that kept it with the stage
+            from lane_ray.pipeline.explain import settings_from_config as explain_settings
 
         settings = explain_settings(cfg)
         reqs = _explain_requests(users, prepared.catalog, cfg.preferences.m, spec["seed"])

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="run a lane command as a job on a Ray cluster (ray job submit)",
                        description="lane submit --address http://HEAD:8265 -- run --out s3://bucket/runs/x")
-    p.add_argument("--address", required=True, help="the cluster's dashboard / job server, http://HOST:8265")
+    p.add_argument("--address", default=None, help="the cluster's dashboard / job server, http://HOST:8265 "
+                   "(default: $RAY_ADDRESS)")
     p.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working directory "
                    "(default: here; .venv, .git, runs/ and caches are left out)")
     p.add_argument("--job-id", help="submission id (default: generated)")
@@ -340,8 +341,9 @@ def _share_cores(cfg, kwargs: dict[str, Any], resources: dict[str, float], actor
 def _preferences(cfg, quiet: bool) -> dict[str, Any]:
     from lane_ray.data import read_prepared
     from lane_ray.llm import backend_kwargs, model_identity
+    from lane_ray.llm.preferences import settings_from_config
     from lane_ray.pipeline.cluster import init_ray
-    from lane_ray.pipeline.preferences import run_preferences, settings_from_config, user_histories
+    from lane_ray.pipeline.preferences import run_preferences, user_histories
     from lane_ray.progress import Stage
 
     out = Path(cfg.run.out)
@@ -397,8 +399,9 @@ def _explain(cfg, candidates: Path, quiet: bool) -> dict[str, Any]:
     """Explanations of the candidates' top ranks (``explain`` section) into the run directory, cached, with
     their checks in ``explanation_checks.json`` (the sentence encoder of ``embed.model`` reads the free text)."""
     from lane_ray.llm import backend_kwargs, model_identity
+    from lane_ray.llm.explain import settings_from_config
     from lane_ray.pipeline.cluster import init_ray
-    from lane_ray.pipeline.explain import load_requests, run_explanations, settings_from_config
+    from lane_ray.pipeline.explain import load_requests, run_explanations
     from lane_ray.progress import Stage
     from lane_ray.text import TextEncoder
 
@@ -527,70 +530,20 @@ def _train_and_evaluate(cfg, quiet: bool, skip_current: bool = False, feats=None
     return result
 
 
-SUBMIT_EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/",
-                   "/.dev*/", "/.whl/", "*.egg-info/"]
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
-    """``ray job submit`` of ``python -m lane_ray.cli <command>`` with the working directory (and so any
-    ``--config`` file inside it) shipped through the job's ``runtime_env``; waits and streams the job's logs."""
-    import shlex
-
-    from lane_ray.errors import ConfigError
+    """`lane submit`: submit the lane command after `--` (lane_ray.submit), then follow it to its end."""
+    from lane_ray.submit import NOT_JOBS, submit, wait
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise ConfigError("lane submit: give the lane command after --, e.g. lane submit --address URL -- run")
-    if command[0] in ("submit", "serve"):
-        raise ConfigError(f"lane submit: `lane {command[0]}` is not a batch job (use serve/config.yaml with "
-                          "`serve deploy` for the app)")
-    build_parser().parse_args(command)  # refuse a bad command here, not on the cluster
-    wd = Path(args.working_dir).resolve()
-    if not wd.is_dir():
-        raise ConfigError(f"lane submit: --working-dir {wd} is not a folder")
-    if "--config" in command:
-        cfg = Path(command[command.index("--config") + 1]).resolve()
-        if not cfg.is_relative_to(wd):
-            raise ConfigError(f"lane submit: the config file {cfg} must be inside the working dir {wd} (it is "
-                              "shipped with it); give its path relative to that folder")
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    try:
-        client = JobSubmissionClient(args.address)
-    except Exception as exc:  # noqa: BLE001 - connection, auth or version errors: one line
-        raise ConfigError(f"lane submit: cannot reach the job server at {args.address}: "
-                          f"{str(exc).splitlines()[0]}") from None
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "LANE_MODEL_CACHE", "LANE_DATA_CACHE") if k in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    entrypoint = "python -m lane_ray.cli " + shlex.join(command)
-    deadline = time.monotonic() + 120
-    while True:  # a head that just started answers "no available agent" for a few seconds
-        try:
-            job_id = client.submit_job(entrypoint=entrypoint, submission_id=args.job_id, runtime_env={
-                "working_dir": str(wd), "excludes": SUBMIT_EXCLUDES, "env_vars": env})
-            break
-        except RuntimeError as exc:
-            if "try again later" not in str(exc) or time.monotonic() > deadline:
-                raise ConfigError(f"lane submit: the job server refused the job: {str(exc).splitlines()[0]}") from None
-            time.sleep(2)
+    if command and command[0] not in NOT_JOBS:
+        build_parser().parse_args(command)  # refuse a bad command here, not on the cluster
+    job_id = submit(command, args.address, args.working_dir, args.job_id)
     print(job_id, flush=True)
     if args.no_wait:
         return 0
-    start, shown = time.monotonic(), 0
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        sys.stderr.write(logs[shown:])
-        shown = len(logs)
-        if status in terminal:
-            break
-        if args.timeout is not None and time.monotonic() - start > args.timeout:
-            client.stop_job(job_id)
-            raise ConfigError(f"lane submit: job {job_id} still running after {args.timeout:g} s; stopped it")
-        time.sleep(2)
-    print(f"{job_id}: {status.value}", flush=True)
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    result = wait(job_id, args.address, args.timeout)
+    print(f"{job_id}: {result.status}", flush=True)
+    return 0 if result.succeeded else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -454,7 +454,7 @@ class PreferenceCore:
 
     def __init__(self, cfg: Any, catalog: Any, backend: Any = None) -> None:
         from lane_ray.llm import backend_kwargs, make_backend
-        from lane_ray.pipeline.preferences import settings_from_config
+        from lane_ray.llm.preferences import settings_from_config
         from lane_ray.text import TextEncoder
 
         self.backend = backend if backend is not None else make_backend(cfg.llm.backend, **backend_kwargs(cfg.llm))
@@ -486,7 +486,7 @@ class ExplainerCore:
 
     def __init__(self, cfg: Any, backend: Any = None) -> None:
         from lane_ray.llm import backend_kwargs, make_backend
-        from lane_ray.pipeline.explain import settings_from_config
+        from lane_ray.llm.explain import settings_from_config
 
         self.backend = backend if backend is not None else make_backend(cfg.llm.backend, **backend_kwargs(cfg.llm))
         self.settings = settings_from_config(cfg)

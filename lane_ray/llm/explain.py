@@ -596,8 +596,24 @@ def counterfactual(req: ExplainRequest, s: ExplainSettings) -> ExplainRequest | 
     return replace(req, pref_contrib=contrib)
 
 
-__all__ = ["EXPLAIN_PREFILL", "EXPLAIN_PROMPT_VERSION", "FIT_OPTIONS", "FREE_CHARS", "LABELS", "LIKELIHOODS", "MODES",
-           "WHY_OPENING", "ExplainRequest", "ExplainSettings", "Explanation", "Plan", "alternative_index",
+
+def settings_from_config(cfg: Any) -> ExplainSettings:
+    """:class:`ExplainSettings` from a :class:`~lane_ray.config.LaneConfig` (its ``explain`` and ``preferences``
+    sections)."""
+    ec = cfg.explain
+    return ExplainSettings(
+        mode=ec.mode, budget_tokens=ec.budget_tokens, with_attributes=cfg.preferences.with_attributes,
+        item_noun=cfg.preferences.item_noun, also_share=ec.also_share, min_pref_share=ec.min_pref_share,
+        evidence_items=ec.evidence_items, recent_options=ec.recent_options, high_hit_rate=ec.high_hit_rate,
+        medium_hit_rate=ec.medium_hit_rate, template_high_rank=ec.template_high_rank,
+        template_medium_rank=ec.template_medium_rank, max_why_tokens=ec.max_why_tokens,
+        max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries, temperature=ec.temperature,
+        seed=ec.seed, free_chars=FREE_CHARS if ec.free_text == "lower" else "", avoid_unused=ec.avoid_unused,
+        cite_bias=ec.cite_bias, finish_bias=ec.finish_bias, evidence_bias=ec.evidence_bias)
+
+
+__all__ = ["EXPLAIN_PREFILL", "EXPLAIN_PROMPT_VERSION", "ExplainRequest", "ExplainSettings", "Explanation",
+           "FIT_OPTIONS", "FREE_CHARS", "LABELS", "LIKELIHOODS", "MODES", "Plan", "WHY_OPENING", "alternative_index",
            "avoid_words", "cite_words", "cites_history", "counterfactual", "explain_batch", "explain_messages",
            "explain_template", "label_preferences", "likelihood_bucket", "max_new_tokens", "parse_reply", "plan",
-           "reason_head", "template_explanation"]
+           "reason_head", "settings_from_config", "template_explanation"]

@@ -532,7 +532,44 @@ def score_batch(users: list[UserHistory], backend: LLMBackend, s: ExtractionSett
     return results
 
 
-__all__ = ["CONNECTORS", "PHRASE_BANK", "PREFERENCE_PROMPT_VERSION", "REPEATABLE_WORDS", "VOCABULARY_ORDERS",
-           "ExtractionSettings", "UserAttribute", "UserHistory", "UserResult", "attribute_vocabulary",
-           "catalogue_vocabulary", "extract_batch", "fallback_preferences", "item_terms", "mmr_select", "score_batch",
-           "score_candidates", "token_overlap", "user_vocabulary"]
+
+# catalogue columns that are not grounding attributes (ids, the title itself, the years handled as decades)
+_NOT_ATTRIBUTES = {"item_id", "title", "genres", "year", "source_id"}
+
+
+def attribute_columns(catalog: Any) -> list[str]:
+    """The catalogue's other text columns (beyond title, genres and year) whose values ground preferences."""
+    import pyarrow as pa
+
+    return [c for c in catalog.column_names
+            if c not in _NOT_ATTRIBUTES and pa.types.is_string(catalog.schema.field(c).type)]
+
+
+def settings_from_config(pc: Any, catalog: Any) -> ExtractionSettings:
+    """:class:`ExtractionSettings` from the ``preferences`` config section and the catalogue (a pyarrow table).
+    With ``grounding=vocabulary`` the grounding vocabulary is the catalogue's genres, decades and other
+    text-column values with at least 5 items, with their catalogue shares (none where the catalogue has no
+    attributes: free decoding). Each user's slots are then offered their own attributes (:func:`user_vocabulary`)."""
+    vocab: tuple[str, ...] = ()
+    shares: tuple[float, ...] = ()
+    if pc.grounding == "vocabulary" and pc.with_attributes:
+        cols = catalog.column_names
+        vocab, shares = catalogue_vocabulary(catalog["genres"].to_pylist() if "genres" in cols else [],
+                                             catalog["year"].to_pylist() if "year" in cols else [],
+                                             [catalog[c].to_pylist() for c in attribute_columns(catalog)])
+    return ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
+                              item_noun=pc.item_noun, max_retries=pc.max_retries, max_slot_tokens=pc.max_slot_tokens,
+                              min_slot_tokens=pc.min_slot_tokens, vocabulary=vocab, vocabulary_share=shares,
+                              vocabulary_order=pc.vocabulary_order, vocabulary_size=pc.vocabulary_size,
+                              min_support=pc.min_support, slot_order=pc.slot_order,
+                              avoid_categories=pc.avoid_categories, distinct_words=pc.distinct_words,
+                              mode=pc.mode,
+                              mmr_lambda=pc.mmr_lambda,
+                              temperature=pc.temperature, seed=pc.seed, frequency_penalty=pc.frequency_penalty)
+
+
+__all__ = ["CONNECTORS", "ExtractionSettings", "PHRASE_BANK", "PREFERENCE_PROMPT_VERSION", "REPEATABLE_WORDS",
+           "UserAttribute", "UserHistory", "UserResult", "VOCABULARY_ORDERS", "attribute_columns",
+           "attribute_vocabulary", "catalogue_vocabulary", "extract_batch", "fallback_preferences", "item_terms",
+           "mmr_select", "score_batch", "score_candidates", "settings_from_config", "token_overlap",
+           "user_vocabulary"]

@@ -33,7 +33,6 @@ from lane_ray.errors import DataError, LaneError
 from lane_ray.io import read_parquet, write_json
 from lane_ray.llm.explain import (
     EXPLAIN_PROMPT_VERSION,
-    FREE_CHARS,
     ExplainRequest,
     ExplainSettings,
     counterfactual,
@@ -253,21 +252,6 @@ def build_requests(cands: list[dict[str, Any]], preferences: pa.Table, interacti
             c["pref_contrib"], c["pref_share"], hist, c["history_item_ids"], c["history_contrib"],
             [meta[h] for h in c["history_item_ids"]], c.get("hit_rate")))
     return out
-
-
-def settings_from_config(cfg: Any) -> ExplainSettings:
-    """:class:`ExplainSettings` from a :class:`~lane_ray.config.LaneConfig` (its ``explain`` and ``preferences``
-    sections)."""
-    ec = cfg.explain
-    return ExplainSettings(
-        mode=ec.mode, budget_tokens=ec.budget_tokens, with_attributes=cfg.preferences.with_attributes,
-        item_noun=cfg.preferences.item_noun, also_share=ec.also_share, min_pref_share=ec.min_pref_share,
-        evidence_items=ec.evidence_items, recent_options=ec.recent_options, high_hit_rate=ec.high_hit_rate,
-        medium_hit_rate=ec.medium_hit_rate, template_high_rank=ec.template_high_rank,
-        template_medium_rank=ec.template_medium_rank, max_why_tokens=ec.max_why_tokens,
-        max_reason_tokens=ec.max_reason_tokens, max_retries=ec.max_retries, temperature=ec.temperature,
-        seed=ec.seed, free_chars=FREE_CHARS if ec.free_text == "lower" else "", avoid_unused=ec.avoid_unused,
-        cite_bias=ec.cite_bias, finish_bias=ec.finish_bias, evidence_bias=ec.evidence_bias)
 
 
 def request_to_json(req: ExplainRequest) -> str:

@@ -19,7 +19,12 @@ import pyarrow as pa
 
 from lane_ray.data.split import LeaveOneOutSplit
 from lane_ray.io import read_parquet, write_json
-from lane_ray.llm.preferences import ExtractionSettings, UserHistory, catalogue_vocabulary, extract_batch
+from lane_ray.llm.preferences import (
+    ExtractionSettings,
+    UserHistory,
+    attribute_columns,
+    extract_batch,
+)
 from lane_ray.llm.prompts import HistoryItem
 from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
 from lane_ray.progress import NewEntries, RssSampler, expect, llm_rate_key, log
@@ -30,16 +35,6 @@ PREFERENCES_SCHEMA = pa.schema([
     ("history_sha1", pa.string()), ("model", pa.string()), ("prompt_version", pa.string()), ("raw", pa.string()),
     ("new_tokens", pa.int64()), ("rejected", pa.string()),
 ])
-
-
-# catalogue columns that are not grounding attributes (ids, the title itself, the years handled as decades)
-_NOT_ATTRIBUTES = {"item_id", "title", "genres", "year", "source_id"}
-
-
-def attribute_columns(catalog: pa.Table) -> list[str]:
-    """The catalogue's other text columns (beyond title, genres and year) whose values ground preferences."""
-    return [c for c in catalog.column_names
-            if c not in _NOT_ATTRIBUTES and pa.types.is_string(catalog.schema.field(c).type)]
 
 
 def user_histories(interactions: pa.Table, catalog: pa.Table, max_users: int | None = None) -> list[UserHistory]:
@@ -63,29 +58,6 @@ def user_histories(interactions: pa.Table, catalog: pa.Table, max_users: int | N
         split.check_history(i, prefix)  # the guard: only train items reach a prompt
         out.append(UserHistory(int(split.user_ids[i]), [HistoryItem(*meta[int(x)]) for x in prefix]))
     return out
-
-
-def settings_from_config(pc: Any, catalog: pa.Table) -> ExtractionSettings:
-    """:class:`ExtractionSettings` from the ``preferences`` config section; with ``grounding=vocabulary`` the
-    grounding vocabulary is the catalogue's genres, decades and other text-column values with at least 5
-    items, with their catalogue shares (none where the catalogue has no attributes: free decoding). Each
-    user's slots are then offered their own attributes (:func:`lane_ray.llm.preferences.user_vocabulary`)."""
-    vocab: tuple[str, ...] = ()
-    shares: tuple[float, ...] = ()
-    if pc.grounding == "vocabulary" and pc.with_attributes:
-        cols = catalog.column_names
-        vocab, shares = catalogue_vocabulary(catalog["genres"].to_pylist() if "genres" in cols else [],
-                                             catalog["year"].to_pylist() if "year" in cols else [],
-                                             [catalog[c].to_pylist() for c in attribute_columns(catalog)])
-    return ExtractionSettings(m=pc.m, budget_tokens=pc.budget_tokens, with_attributes=pc.with_attributes,
-                              item_noun=pc.item_noun, max_retries=pc.max_retries, max_slot_tokens=pc.max_slot_tokens,
-                              min_slot_tokens=pc.min_slot_tokens, vocabulary=vocab, vocabulary_share=shares,
-                              vocabulary_order=pc.vocabulary_order, vocabulary_size=pc.vocabulary_size,
-                              min_support=pc.min_support, slot_order=pc.slot_order,
-                              avoid_categories=pc.avoid_categories, distinct_words=pc.distinct_words,
-                              mode=pc.mode,
-                              mmr_lambda=pc.mmr_lambda,
-                              temperature=pc.temperature, seed=pc.seed, frequency_penalty=pc.frequency_penalty)
 
 
 def _keys(user_ids: np.ndarray, history_sha1: list[str], model: str | list[str],
@@ -225,5 +197,5 @@ def write_preference_texts(preferences: str | Path, out: str | Path) -> int:
     return table.num_rows
 
 
-__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "attribute_columns", "read_preferences", "run_preferences",
-           "settings_from_config", "user_histories", "write_preference_texts"]
+__all__ = ["PREFERENCES_SCHEMA", "ExtractBatch", "read_preferences", "run_preferences", "user_histories",
+           "write_preference_texts"]

@@ -207,7 +207,8 @@ _COMPACT_AND_DIE = """
 import os, pathlib, signal, sys
 from lane_ray.config import load_config
 from lane_ray.data import load_dataset
-from lane_ray.pipeline.preferences import run_preferences, settings_from_config, user_histories
+from lane_ray.llm.preferences import settings_from_config
+from lane_ray.pipeline.preferences import run_preferences, user_histories
 
 cfg = load_config(None, [], {"data.dataset": sys.argv[1]})
 prepared = load_dataset(cfg.data)
@@ -232,12 +233,8 @@ def test_process_killed_inside_the_compaction_window_loses_no_cached_preference(
     next run serves every user from the cache with no LLM at all."""
     from lane_ray.config import load_config
     from lane_ray.data import load_dataset
-    from lane_ray.pipeline.preferences import (
-        PREFERENCES_SCHEMA,
-        run_preferences,
-        settings_from_config,
-        user_histories,
-    )
+    from lane_ray.llm.preferences import settings_from_config
+    from lane_ray.pipeline.preferences import PREFERENCES_SCHEMA, run_preferences, user_histories
     from lane_ray.pipeline.sink import part_files, write_part
 
     cfg = load_config(None, [], {"data.dataset": str(many_users)})

@@ -34,8 +34,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.network]
 MODEL = "smollm2-135m-instruct"
 START_TIMEOUT_S = 120
 USERS = 40  # the fallback target is measured on these (the first 40 ml-100k users by id)
-NONE_USERS = 4  # constraint_format=none: the repair path on fewer users (no constraint: slower, mostly retries)
-EXPLAIN_USERS = 6  # explained rows (each with its counterfactual)
+NONE_USERS = 2  # constraint_format=none: the repair path on fewer users (no constraint: slower, mostly retries)
+EXPLAIN_USERS = 4  # explained rows (each with its counterfactual)
+THREADS = int(os.environ.get("LANE_TEST_LLAMA_THREADS", "2"))
 
 
 def free_port() -> int:
@@ -45,13 +46,15 @@ def free_port() -> int:
 
 
 def server_command(gguf: Path, port: int) -> list[str]:
-    """The command the tests start the server with (docs/llm.md shows it). One thread for generation and one for
-    prompts: on a 2-core machine where another process keeps one core busy, two OpenMP threads that wait on each
-    other ran prompts at 40-114 tokens/s against 124-130 for one thread, and generation at 24 against 47 tokens/s
-    (two threads are about twice as fast on an idle machine). Flash attention: 147 against 124 tokens/s."""
+    """The command the tests start the server with (docs/llm.md shows it). ``LANE_TEST_LLAMA_THREADS`` threads
+    for generation and for prompts (default 2): the test process only waits on HTTP, so the server has the
+    machine's two cores; 40 users took 225 s with two threads against 335 s with one (docs/llm.md). On a machine
+    where another process keeps a core busy, one thread is faster (two OpenMP threads wait on each other).
+    Flash attention: 147 against 124 prompt tokens/s."""
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL,
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--chat_format", "chatml",
-            "--n_threads", "1", "--n_threads_batch", "1", "--flash_attn", "True", "--verbose", "False"]
+            "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS), "--flash_attn", "True",
+            "--verbose", "False"]
 
 
 class ServerProcess:
@@ -129,7 +132,8 @@ def ml100k():
     settings, as `lane preferences` builds them."""
     from lane_ray.config import load_config
     from lane_ray.data import load_dataset
-    from lane_ray.pipeline.preferences import settings_from_config, user_histories
+    from lane_ray.llm.preferences import settings_from_config
+    from lane_ray.pipeline.preferences import user_histories
 
     cfg = load_config(None, [], {"data.dataset": "ml-100k"})
     prepared = load_dataset(cfg.data)
@@ -254,9 +258,9 @@ def explain_requests(ml100k, results, n: int) -> list:
 
 
 def test_explanations_hold_their_structure_under_auto(live, auto_preferences, ml100k, tmp_path):
+    from lane_ray.llm.explain import settings_from_config as explain_settings
     from lane_ray.llm.explain_checks import Vocabulary
     from lane_ray.pipeline.explain import catalogue_items, run_explanations
-    from lane_ray.pipeline.explain import settings_from_config as explain_settings
     from lane_ray.text import TextEncoder
 
     cfg, prepared, _, _ = ml100k
