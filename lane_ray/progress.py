@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from lane_ray.console import log
 from lane_ray.io import write_json
 
 
@@ -70,10 +70,6 @@ class RssSampler:
     @property
     def peak_mb(self) -> float:
         return round(self.peak / 2**20, 1)
-
-
-def log(msg: str) -> None:
-    print(f"[lane] {msg}", file=sys.stderr, flush=True)
 
 
 def _clock(seconds: float) -> str:

@@ -273,7 +273,7 @@ def open_run(path: str, stage_dir: str | None = None) -> str:
     (pulled now, pushed after every stage and when the command ends: :func:`close_all`)."""
     if not is_uri(path):
         return path
-    from lane_ray.progress import log
+    from lane_ray.console import log
 
     storage = RunStorage(path, Path(stage_dir) if stage_dir else default_stage_dir(path))
     n = storage.pull()

@@ -70,7 +70,11 @@ class Ranker:
         return {"model": self.core.name, "items": len(self.core.index), "users": self.core.num_users,
                 "aligned": self.core.aligned}
 
-    def resolve(self, history: list[int | str]) -> dict[str, Any]:
+    async def resolve(self, history: list[int | str]) -> dict[str, Any]:
+        # titles are matched by encoding them (a torch forward): off the replica's event loop, like rank
+        return await asyncio.to_thread(self._resolve, history)
+
+    def _resolve(self, history: list[int | str]) -> dict[str, Any]:
         try:
             dense, matches = self.core.resolve(history)
         except RequestError as e:
@@ -85,7 +89,9 @@ class Ranker:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def rank(self, queries: list[ServeQuery]) -> list[dict[str, Any]]:
-        return self.core.serve(queries)
+        # the forward pass runs in a worker thread: on the event loop it would hold every other request of this
+        # replica (health checks, the next batch's arrivals) until it ends
+        return await asyncio.to_thread(self.core.serve, queries)
 
 
 @serve.deployment(name="PreferenceExtractor")
@@ -225,7 +231,7 @@ def build_ingress(api: FastAPI) -> type:
     class Ingress:
         def __init__(self, ranker: DeploymentHandle, extractor: DeploymentHandle, explainer: DeploymentHandle,
                      cfg_json: str) -> None:
-            from lane_ray.pipeline.explain import settings_from_config
+            from lane_ray.llm.explain import settings_from_config
 
             self.ranker, self.extractor, self.explainer = ranker, extractor, explainer
             self.cfg = _config(cfg_json)
@@ -388,7 +394,7 @@ def _overrides(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def _scaling(replicas: int, max_replicas: int | None, target: float) -> dict[str, Any]:
+def replica_scaling(replicas: int, max_replicas: int | None, target: float) -> dict[str, Any]:
     """``num_replicas`` or, when a larger maximum is configured, an autoscaling config."""
     if max_replicas is None or max_replicas <= replicas:
         return {"num_replicas": replicas}
@@ -430,13 +436,13 @@ def build_app(args: dict[str, Any]) -> Any:
             raise ConfigError(f"serve.api_key_env names {s.api_key_env}, which is not set in the environment")
     cfg_json = cfg.model_dump_json()
     common = {"max_ongoing_requests": s.max_ongoing_requests, "graceful_shutdown_timeout_s": s.graceful_shutdown_s}
-    ranker = Ranker.options(**_scaling(s.ranker_replicas, s.ranker_max_replicas, s.target_ongoing_requests),
+    ranker = Ranker.options(**replica_scaling(s.ranker_replicas, s.ranker_max_replicas, s.target_ongoing_requests),
                             ray_actor_options={"num_cpus": s.ranker_num_cpus}, **common).bind(str(run_dir), cfg_json)
     extractor = PreferenceExtractor.options(ray_actor_options={"num_cpus": 0.25},
                                             **common).bind(str(run_dir), cfg_json)
     n_gpus = explainer_gpus(s.explainer_num_gpus, cfg.llm.backend)
     gpus = {"num_gpus": n_gpus} if n_gpus else {}
-    explainer = Explainer.options(**_scaling(s.explainer_replicas, s.explainer_max_replicas,
+    explainer = Explainer.options(**replica_scaling(s.explainer_replicas, s.explainer_max_replicas,
                                              s.target_ongoing_requests),
                                   ray_actor_options={"num_cpus": s.explainer_num_cpus, **gpus},
                                   **common).bind(cfg_json)

@@ -124,7 +124,7 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _norm(s: str) -> str:
+def normalise_text(s: str) -> str:
     return " ".join(_WORD.findall(s.lower()))
 
 
@@ -137,7 +137,7 @@ def _similar(a: str, b: str) -> bool:
 
 def copies_title(pref: str, titles_norm: list[str]) -> bool:
     """True when a preference is (mostly) a history title: equal, or a title making up most of it."""
-    p = _norm(pref)
+    p = normalise_text(pref)
     if not p:
         return False
     for t in titles_norm:
@@ -164,17 +164,17 @@ def check_preferences(candidates: list[str], m: int, history_titles: list[str],
     """Keep up to ``m`` candidates that are non-empty, not placeholders, not history titles and distinct
     from each other and from ``accepted`` (already accepted slots)."""
     out = SlotCheck(accepted=list(accepted or []))
-    titles_norm = [_norm(t) for t in history_titles]
+    titles_norm = [normalise_text(t) for t in history_titles]
     for c in candidates:
         if len(out.accepted) >= m:
             out.reject("extra")
             continue
         text = _DANGLING.sub("", clean_text(c, 100)).strip(" .,;:-\"'")
-        if len(_norm(text)) < 3 or _PLACEHOLDER.match(text) or _PLACEHOLDER.match(_norm(text)):
+        if len(normalise_text(text)) < 3 or _PLACEHOLDER.match(text) or _PLACEHOLDER.match(normalise_text(text)):
             out.reject("placeholder")
         elif copies_title(text, titles_norm):
             out.reject("copies_title")
-        elif any(_similar(_norm(text), _norm(a)) for a in out.accepted):
+        elif any(_similar(normalise_text(text), normalise_text(a)) for a in out.accepted):
             out.reject("duplicate")
         else:
             out.accepted.append(text)

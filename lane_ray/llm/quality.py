@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lane_ray.llm.parsing import _norm, copies_title
+from lane_ray.llm.parsing import copies_title, normalise_text
 
 # Filler for a baseline whose history has fewer genres and decades than preferences are asked for; the same
 # generic phrases the LLM stage's attribute fallback ends with.
@@ -166,7 +166,7 @@ def copies_title_rate(prefs: Sequence[Sequence[str]], titles: Sequence[Sequence[
     (:func:`lane_ray.llm.parsing.copies_title`); None without preferences."""
     total = copied = 0
     for user_prefs, user_titles in zip(prefs, titles, strict=True):
-        titles_norm = [_norm(t) for t in user_titles]
+        titles_norm = [normalise_text(t) for t in user_titles]
         total += len(user_prefs)
         copied += sum(copies_title(p, titles_norm) for p in user_prefs)
     return copied / total if total else None

@@ -13,8 +13,8 @@ How it stays incremental, resumable and duplicate-free:
    keys, so only they (and new rows) are embedded. Rows are spilled to disk in buckets by key columns and
    planned one bucket at a time, so the driver's memory does not grow with the catalogue.
 2. *Embed* (Ray Data): ``read_parquet`` → filter to the planned keys → [tokenizer actors on CPUs] →
-   ``map_batches`` with a callable encoder class on an actor pool (``concurrency=(min, max)``, ``num_gpus``
-   per actor when the cluster has GPUs), which writes each embedded block itself to a temporary name and
+   ``map_batches`` with a callable encoder class on an actor pool (``ActorPoolStrategy(min_size, max_size)``,
+   ``num_gpus`` per actor when the cluster has GPUs), which writes each embedded block itself to a temporary name and
    renames it: a part file exists whole or not at all, so a killed job leaves only finished parts, and a
    re-run skips them.
 3. *Compact*: rows whose key is no longer in the input (old titles, removed items) and repeated keys (a
@@ -427,7 +427,7 @@ class EncodeBatch:
         return self.writer(table) if self.writer is not None else table
 
 
-def _pool(cfg: EmbedConfig, resources: dict[str, float], node_cpus: list[float] | None = None,
+def actor_pool(cfg: EmbedConfig, resources: dict[str, float], node_cpus: list[float] | None = None,
           todo: int | None = None) -> dict[str, Any]:
     """The encoder (and tokenizer) actor layout for a cluster with ``resources`` (totals) whose nodes have
     ``node_cpus`` CPUs each (unset = one node holding them all), for ``todo`` texts (unset = unbounded): never
@@ -483,7 +483,7 @@ def _pool(cfg: EmbedConfig, resources: dict[str, float], node_cpus: list[float] 
     return pool
 
 
-def _blocks(rows: int, todo: int, actors: int, cfg: EmbedConfig) -> tuple[int, int]:
+def block_plan(rows: int, todo: int, actors: int, cfg: EmbedConfig) -> tuple[int, int]:
     """(texts per encoder batch, input blocks to read) for ``todo`` texts out of ``rows`` input rows.
 
     Balanced: the batch count is a multiple of the actor count and batches are equal (at most
@@ -514,8 +514,8 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
     from lane_ray.pipeline.cluster import init_ray
 
     resources = init_ray(ray_cfg)
-    pool = _pool(cfg, resources, _node_cpus(), p.n_todo)
-    batch_rows, n_blocks = _blocks(p.rows, p.n_todo, pool["max"], cfg)
+    pool = actor_pool(cfg, resources, _node_cpus(), p.n_todo)
+    batch_rows, n_blocks = block_plan(p.rows, p.n_todo, pool["max"], cfg)
     log(f"embed: {p.n_todo:,} texts on {pool['min']}..{pool['max']} {'GPU' if pool['use_gpu'] else 'CPU'} "
         f"actor(s)" + (f" x {pool['threads']} threads" if pool["threads"] else "")
         + f" ({pool['num_cpus']:g} CPU each)"
@@ -532,12 +532,14 @@ def _run_ray(input_path: Path, out: Path, spec: TextTable, p: Plan, cfg: EmbedCo
     ds = ds.repartition(target_num_rows_per_block=batch_rows)
     if pool["tokenizers"]:
         ds = ds.map_batches(
-            TokenizeBatch, batch_format="pyarrow", batch_size=batch_rows, concurrency=(1, pool["tokenizers"]),
+            TokenizeBatch, batch_format="pyarrow", batch_size=batch_rows,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool["tokenizers"]),
             num_cpus=cfg.tokenizer_cpus_per_actor,
             fn_constructor_kwargs={"model": cfg.model, "niceness": cfg.actor_niceness},
         )
     ds = ds.map_batches(
-        EncodeBatch, batch_format="pyarrow", batch_size=batch_rows, concurrency=(pool["min"], pool["max"]),
+        EncodeBatch, batch_format="pyarrow", batch_size=batch_rows,
+        compute=ray.data.ActorPoolStrategy(min_size=pool["min"], max_size=pool["max"]),
         num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"],
         fn_constructor_kwargs={"model": cfg.model, "device": pool["device"], "batch_size": cfg.batch_size,
                                "fp16": cfg.fp16, "num_threads": pool["threads"], "key_columns": spec.key_columns,
@@ -675,4 +677,5 @@ def read_embeddings(path: str | Path) -> pa.Table:
     return read_parquet(path)
 
 
-__all__ = ["CATALOG_TEXTS", "TextTable", "compact", "embed_texts", "plan", "read_embeddings", "select_rows"]
+__all__ = ["CATALOG_TEXTS", "TextTable", "actor_pool", "block_plan", "compact", "embed_texts", "plan",
+           "read_embeddings", "select_rows"]

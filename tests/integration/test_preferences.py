@@ -16,7 +16,7 @@ import pytest
 from lane_ray.cli import main
 from lane_ray.io import read_parquet
 from lane_ray.llm.backend import Choice, FreeText, GenerationParams, Template, Text, word_stems
-from lane_ray.llm.parsing import _norm, copies_title
+from lane_ray.llm.parsing import copies_title, normalise_text
 from lane_ray.llm.preferences import (
     CONNECTORS,
     REPEATABLE_WORDS,
@@ -86,7 +86,7 @@ def assert_valid_result(r, user: UserHistory, s: ExtractionSettings) -> None:
     assert len({p.lower() for p in r.preferences}) == s.m, r.preferences
     assert r.status in STATUSES
     assert r.history_sha1 == user.sha1(s.with_attributes)
-    titles = [_norm(it.title) for it in user.items]
+    titles = [normalise_text(it.title) for it in user.items]
     assert not any(copies_title(p, titles) for p in r.preferences), r.preferences
     attempts = raw_attempts(r.raw)
     assert 1 <= len(attempts) <= s.max_retries + 1
@@ -482,7 +482,7 @@ def test_preferences_stage_is_cached_resumable_and_embedded(ray_cluster, capsys,
         assert row["prompt_version"] == first["prompt_version"]
         assert row["prompt_version"].startswith(PREFERENCE_PROMPT_VERSION + "+free-")
         assert len(json.loads(raw_attempts(row["raw"])[0])["preferences"]) == M
-        assert not any(copies_title(p, [_norm(it.title) for it in u.items]) for p in row["preferences"])
+        assert not any(copies_title(p, [normalise_text(it.title) for it in u.items]) for p in row["preferences"])
     assert sum(first["status"].values()) == n
 
     emb = read_parquet(run / "preference_embeddings.parquet")

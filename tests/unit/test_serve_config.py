@@ -55,11 +55,11 @@ def test_build_app_errors_are_one_line(args, match):
 
 
 def test_scaling_and_gpu_choices():
-    from serve.app import _scaling, explainer_gpus
+    from serve.app import explainer_gpus, replica_scaling
 
-    assert _scaling(2, None, 8) == {"num_replicas": 2}
-    assert _scaling(2, 2, 8) == {"num_replicas": 2}
-    assert _scaling(1, 4, 5) == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
+    assert replica_scaling(2, None, 8) == {"num_replicas": 2}
+    assert replica_scaling(2, 2, 8) == {"num_replicas": 2}
+    assert replica_scaling(1, 4, 5) == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
                                                         "target_ongoing_requests": 5}}
     assert explainer_gpus(0.5, "transformers") == 0.5
     assert explainer_gpus(None, "openai") == 0.0
