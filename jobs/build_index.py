@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 
-from lane_ray.cli import main as lane_main
+from jobs import run_lane
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``lane index`` with ``argv`` (defaults to the process arguments)."""
-    return lane_main(["index", *(sys.argv[1:] if argv is None else argv)])
+    return run_lane(["index"], argv)
 
 
 if __name__ == "__main__":

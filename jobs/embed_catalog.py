@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sys
 
-from lane_ray.cli import main as lane_main
+from jobs import run_lane
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``lane embed`` with ``argv`` (defaults to the process arguments)."""
-    return lane_main(["embed", *(sys.argv[1:] if argv is None else argv)])
+    return run_lane(["embed"], argv)
 
 
 if __name__ == "__main__":

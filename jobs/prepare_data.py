@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from lane_ray.cli import main as lane_main
+from jobs import run_lane
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``lane data prepare`` with ``argv`` (defaults to the process arguments)."""
-    return lane_main(["data", "prepare", *(sys.argv[1:] if argv is None else argv)])
+    return run_lane(["data", "prepare"], argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lane_ray.atomic import publish
 from lane_ray.config import RayConfig, TrainConfig
 from lane_ray.errors import LaneError
 from lane_ray.progress import log
@@ -172,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             resumed, _ = load_checkpoint(Path(d) / "model")
             model.load_state_dict(resumed.state_dict())
-            saved = torch.load(Path(d) / "train_state.pt", weights_only=False)
+            saved = torch.load(Path(d) / "train_state.pt", weights_only=True)
             optimizer.load_state_dict(saved.pop("optimizer"))
             rng = saved.pop("torch_rng", None)
             state.update(saved)
@@ -299,12 +300,12 @@ def train_variant(tc: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, fai
     with result.checkpoint.as_directory() as d:
         import torch
 
-        state = torch.load(Path(d) / "train_state.pt", weights_only=False)
+        state = torch.load(Path(d) / "train_state.pt", weights_only=True)
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(Path(d) / "best", tmp)
         shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        publish(tmp, dest)
     curve = state["curve"]
     summary = {"checkpoint": str(dest), "epochs": len(curve), "best_epoch": state["best_epoch"],
                "best_valid": state["best_valid"], "train_seconds": seconds, "num_workers": tc.num_workers,
@@ -374,7 +375,7 @@ def training_fingerprint(tc: TrainConfig, run_dir: Path) -> str:
     return h.hexdigest()
 
 
-# The attribution columns of candidates.parquet and controls.parquet (DESIGN.md "Explanations follow the model").
+# The attribution columns of candidates.parquet and controls.parquet (docs/design.md "Explanations follow the model").
 ATTRIBUTION_COLUMNS = ("pref_contrib", "pref_share", "history_item_ids", "history_contrib", "hit_rate")
 
 

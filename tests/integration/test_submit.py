@@ -65,12 +65,14 @@ def test_submitted_pipeline_succeeds_and_matches_lane_run(head, pipeline_run, tm
     args = pipeline_run.args("--set", "run.explain_users=0")
     job_out = tmp_path / "job"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "lane_ray.cli", "submit", "--address", address, "--timeout", "900",
-                           "--", *args, "--out", str(job_out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=1000)
+    # the address from $RAY_ADDRESS, as `ray job submit` takes it
+    proc = subprocess.run([sys.executable, "-m", "lane_ray.cli", "submit", "--timeout", "900",
+                           "--", *args, "--out", str(job_out)], env={**env, "RAY_ADDRESS": address}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1000)
     assert proc.returncode == 0, proc.stderr[-4000:]
     job_id = proc.stdout.split()[0]
     assert f"{job_id}: SUCCEEDED" in proc.stdout, proc.stdout
+    assert "[lane]" in proc.stderr and "train" in proc.stderr, proc.stderr[-2000:]  # the job's own log, streamed
     for artifact in ("metrics.json", "timings.json", "report/report.md", "checkpoints/lane/config.json",
                      "preferences.parquet", "candidates.parquet"):
         assert (job_out / artifact).exists(), artifact

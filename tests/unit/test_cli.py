@@ -68,6 +68,15 @@ def test_errors_are_one_line_with_exit_2(capsys, argv, expect):
     assert "Traceback" not in err
 
 
+def test_submit_without_an_address_names_both_ways_to_give_one(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc, _, err = run(capsys, "submit", "--", "run")
+    assert rc == 2 and "give --address http://HEAD:8265 or set RAY_ADDRESS" in err
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    rc, _, err = run(capsys, "submit", "--", "run")
+    assert rc == 2 and "cannot reach the job server at http://127.0.0.1:1" in err
+
+
 def test_malformed_file_through_cli(capsys, tmp_path):
     write(tmp_path / "interactions.csv", "user_id,item_id,timestamp,title\n1,1,1,A\n1,oops,2,B\n")
     rc, _, err = run(capsys, "data", "stats", str(tmp_path / "interactions.csv"), "--format", "csv")
