@@ -65,8 +65,8 @@ def ann_recall(run: Path, checkpoint: str, kind: str, users: np.ndarray, n: int,
     """Build the index (timed), then for each search setting (HNSW efSearch or IVF nprobe) the recall@k of the ANN
     top-k against exact top-k over ``n`` users and the in-process scoring time per user (batches of one, as a
     lone request). ``chosen``: the cheapest setting reaching ``target`` recall (else the best one)."""
-    from serve.core import RankerCore, RankQuery
-    from serve.index import build_for_checkpoint
+    from lane_ray.serving import RankerCore, RankQuery
+    from lane_ray.index import build_for_checkpoint
 
     meta = build_for_checkpoint(run / "checkpoints" / checkpoint, run / "index" / checkpoint, kind,
                                 threads=os.cpu_count())

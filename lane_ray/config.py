@@ -9,7 +9,7 @@ overrides (``--set section.field=value``, the value parsed as YAML). Any bad val
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lane_ray.errors import ConfigError
 
 DatasetFormat = Literal["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
+
+
+
+# The one registry of what can be trained: every CLI choice, config check and experiment reads these.
+Backbone = Literal["sasrec", "gru4rec", "bert4rec", "diffurec"]
+Variant = Literal["id", "title", "lane", "lane-shuffled"]
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 class _Section(BaseModel):
@@ -406,9 +414,9 @@ class TrainConfig(_Section):
     """Recommender training (Ray Train) and evaluation. lr, dropout, batch size and title fine-tuning were chosen on
     ml-100k *validation* NDCG@10 for SASRec id and lane (benchmarks/tune.py, results in benchmarks/results/)."""
 
-    backbone: Literal["sasrec", "gru4rec", "bert4rec", "diffurec"] = Field(
+    backbone: Backbone = Field(
         "sasrec", description="Sequence encoder: sasrec, gru4rec, bert4rec or diffurec.")
-    variant: Literal["id", "title", "lane", "lane-shuffled"] = Field(
+    variant: Variant = Field(
         "lane", description="id (ID table), title (title embeddings), lane (title + preference alignment), "
         "lane-shuffled (alignment with another user's preferences: the control).")
     hidden: int = Field(64, ge=8, description="Hidden size H of item vectors and sequence states.")

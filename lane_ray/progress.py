@@ -386,6 +386,24 @@ class Stage:
         push_all()  # a run staged from s3:// / gs:// keeps the remote current after every finished stage
 
 
+def read_progress(run_dir: str) -> dict[str, Any]:
+    """The progress document of a run directory (``RUN/progress.json``, local or a URI); a one-line
+    :class:`~lane_ray.errors.LaneError` when there is none or it is not one."""
+    from lane_ray.errors import LaneError
+    from lane_ray.storage import join_uri, read_text, redact
+
+    path = join_uri(run_dir, "progress.json")
+    try:
+        doc = json.loads(read_text(path))
+    except FileNotFoundError:
+        raise LaneError(f"{redact(path)}: no progress file; is this a run directory of `lane run`?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LaneError(f"{redact(path)}: not a progress file ({exc})") from None
+    if not isinstance(doc, dict):
+        raise LaneError(f"{redact(path)}: not a progress file (a JSON {type(doc).__name__})")
+    return doc
+
+
 def format_progress(doc: dict[str, Any]) -> str:
     """``progress.json`` as the table ``lane status`` prints."""
     lines = [f"{doc.get('run_dir')}: {doc.get('state')}, elapsed {_clock(doc.get('elapsed_s', 0))}"

@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.core import (
+from lane_ray.serving import (
     ExplainerCore,
     PreferenceCore,
     RankerCore,
@@ -465,3 +465,36 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> dict[str, Any]:
             last = exc
             time.sleep(0.5)
     raise TimeoutError(f"{url} not healthy after {timeout_s:g} s: {last}")
+
+
+def serve_forever(cfg: Any, run_dir: str, args: dict[str, Any], on_ready: Any = None) -> int:
+    """`lane serve`: the app of ``args`` (:func:`build_app`) on the Ray cluster of ``cfg.ray``, at
+    ``cfg.serve.host:port``, until SIGINT or SIGTERM. ``on_ready(url)`` is called once it answers /healthz."""
+    import signal
+    import threading
+
+    from lane_ray.console import log
+    from lane_ray.errors import DataError
+    from lane_ray.pipeline.cluster import init_ray
+
+    if not (Path(run_dir) / "checkpoints").is_dir():
+        raise DataError("no checkpoints in this run directory (run `lane run` or `lane train` first)", file=run_dir)
+    if cfg.serve.throughput_optimized:
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # read by the cluster init_ray may start
+    init_ray(cfg.ray)
+    s = cfg.serve
+    app = build_app(args)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(app, name="lane", route_prefix="/", blocking=False)
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    url = f"http://{host}:{s.port}/"
+    wait_healthy(url)
+    log(f"serve: ready ({url}docs for the API); Ctrl-C stops it")
+    if on_ready is not None:
+        on_ready(url)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0

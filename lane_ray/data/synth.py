@@ -168,6 +168,21 @@ def _user_chunk(users: np.ndarray, cfg: SynthConfig, sampler: ZipfGenreSampler) 
     })
 
 
+def percent_logger(step: int = 10) -> Callable[[str, int, int], None]:
+    """A ``progress`` callback for :func:`generate` that logs each kind of row every ``step`` percent."""
+    from lane_ray.console import log
+
+    last: dict[str, int] = {}
+
+    def progress(kind: str, done: int, total: int) -> None:
+        pct = 100 * done // total
+        if pct >= last.get(kind, -step) + step or done == total:
+            last[kind] = pct
+            log(f"synth: {kind} {done:,}/{total:,} ({pct}%)")
+
+    return progress
+
+
 def generate(cfg: SynthConfig, out_dir: str | Path,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Write ``<out_dir>/data/catalog.parquet`` and ``interactions.parquet`` (and ``synth.json``).

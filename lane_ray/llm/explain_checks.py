@@ -319,5 +319,18 @@ def check_rates(rows: list[dict[str, Any]], checks: list[dict[str, Any]], not_co
     return summary
 
 
+
+def format_check_rates(m: dict[str, Any]) -> str:
+    """``name rate (chance c)`` for every check rate of an ``explanation_checks.json`` summary."""
+    parts = []
+    for k, v in m["rates"].items():
+        if v is None:
+            continue
+        c = m.get("chance", {}).get(k)
+        parts.append(f"{k} {v:.2f}" + (f" (chance {c:.2f})" if c is not None else ""))
+    return ", ".join(parts)
+
+
 __all__ = ["JUDGE_RATES", "RATES", "ROW_CHECKS", "Vocabulary", "auc", "check_rates", "closest_preferences",
-           "compute_checks", "decades_in", "free_text", "genre_forms", "spearman", "unsupported_claims"]
+           "compute_checks", "decades_in", "format_check_rates", "free_text", "genre_forms", "spearman",
+           "unsupported_claims"]

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-BACKBONES = ("sasrec", "gru4rec", "bert4rec", "diffurec")
+from lane_ray.config import BACKBONES  # the registry (lane_ray/config.py), re-exported by lane_ray.models
 
 
 @dataclass(frozen=True)

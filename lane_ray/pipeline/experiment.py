@@ -14,10 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from lane_ray.config import RayConfig, TrainConfig
-from lane_ray.models.config import BACKBONES
+from lane_ray.config import BACKBONES, VARIANTS, RayConfig, TrainConfig
 from lane_ray.progress import log
-from lane_ray.train.features import VARIANTS
 
 TABLE_METRICS = ("ndcg@10", "hr@10")
 

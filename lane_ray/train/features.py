@@ -13,8 +13,6 @@ from lane_ray.data.split import ItemIndex, LeaveOneOutSplit, pad_left
 from lane_ray.errors import DataError
 from lane_ray.io import read_parquet
 
-VARIANTS = ("id", "title", "lane", "lane-shuffled")
-
 
 @dataclass
 class Features:

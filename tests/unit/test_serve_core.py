@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def core(serving_run):
-    from serve.core import RankerCore
+    from lane_ray.serving import RankerCore
 
     return RankerCore(serving_run, CHECKPOINT)
 
@@ -26,7 +26,7 @@ def test_known_user_has_whole_history_and_stored_preferences(core):
 
 
 def test_unknown_user_is_404_naming_user_id(core):
-    from serve.core import RequestError
+    from lane_ray.serving import RequestError
 
     with pytest.raises(RequestError) as e:
         core.user(10**9)
@@ -44,7 +44,7 @@ def test_history_resolves_ids_exact_titles_titles_with_year_and_nearest(core):
 
 @pytest.mark.parametrize("entry, field", [(10**9, "history[1]"), ("zzqx vvbn ploo", "history[1]")])
 def test_unresolvable_entry_is_422_naming_its_position(core, entry, field):
-    from serve.core import RequestError
+    from lane_ray.serving import RequestError
 
     with pytest.raises(RequestError) as e:
         core.resolve([int(core.catalogue.item_ids[0]), entry])
@@ -52,7 +52,7 @@ def test_unresolvable_entry_is_422_naming_its_position(core, entry, field):
 
 
 def test_scores_mask_seen_items_and_agree_with_a_full_forward(core):
-    from serve.core import RankQuery
+    from lane_ray.serving import RankQuery
 
     u = core.user(int(core.split.user_ids[1]))
     res = core.score([RankQuery(u.history, 10, u.prefs, target=u.history[-1]),
@@ -71,7 +71,7 @@ def test_scores_mask_seen_items_and_agree_with_a_full_forward(core):
 
 
 def test_k_larger_than_unseen_items_returns_all_unseen(core):
-    from serve.core import RankQuery
+    from lane_ray.serving import RankQuery
 
     hist = list(range(1, len(core.index) - 2))
     res = core.score([RankQuery(hist, 50, None)])[0]
@@ -80,7 +80,7 @@ def test_k_larger_than_unseen_items_returns_all_unseen(core):
 
 def test_missing_checkpoint_names_what_exists(serving_run):
     from lane_ray.errors import DataError
-    from serve.core import RankerCore
+    from lane_ray.serving import RankerCore
 
     with pytest.raises(DataError, match=f"have: {CHECKPOINT}"):
         RankerCore(serving_run, "gru4rec-id-seed9")
@@ -88,7 +88,7 @@ def test_missing_checkpoint_names_what_exists(serving_run):
 
 def test_template_without_preferences_reads_well():
     from lane_ray.llm.explain import ExplainSettings
-    from serve.core import explain_request, template_row
+    from lane_ray.serving import explain_request, template_row
 
     item = {"item_id": 7, "title": "Heat", "genres": "Action", "year": "1995"}
     row = template_row(explain_request(None, item, 1, 2.5, [item], [], None), ExplainSettings())
@@ -96,7 +96,7 @@ def test_template_without_preferences_reads_well():
 
 
 def test_serve_batch_resolves_users_and_isolates_errors(core):
-    from serve.core import ServeQuery
+    from lane_ray.serving import ServeQuery
 
     uid = int(core.split.user_ids[0])
     target = int(core.catalogue.item_ids[5])
@@ -116,7 +116,7 @@ def test_serve_batch_resolves_users_and_isolates_errors(core):
 
 def test_ranked_items_carry_their_attribution(core):
     from lane_ray.data.split import pad_left
-    from serve.core import RankQuery
+    from lane_ray.serving import RankQuery
 
     u = core.user(int(core.split.user_ids[2]))
     target = u.history[-1]

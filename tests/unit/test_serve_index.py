@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_ann_core_matches_exact_top_k(serving_run, kind, tmp_path):
     from lane_ray.cli import main
-    from serve.core import RankerCore, RankQuery
+    from lane_ray.serving import RankerCore, RankQuery
 
     out = tmp_path / kind
     args = ["index", "--run", str(serving_run), "--checkpoint", CHECKPOINT, "--kind", kind, "--index-out", str(out)]
@@ -42,8 +42,8 @@ def test_ann_core_matches_exact_top_k(serving_run, kind, tmp_path):
 def test_stale_or_missing_index_is_refused(serving_run, tmp_path):
     from lane_ray.errors import DataError
     from lane_ray.models.recommender import load_checkpoint, save_checkpoint
-    from serve.core import RankerCore
-    from serve.index import build_for_checkpoint
+    from lane_ray.serving import RankerCore
+    from lane_ray.index import build_for_checkpoint
 
     with pytest.raises(DataError, match="no ANN index here"):
         RankerCore(serving_run, CHECKPOINT, ann_index=str(tmp_path / "none"))

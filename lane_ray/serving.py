@@ -1,6 +1,7 @@
-"""What the deployments do, without Ray: resolve users and histories, score them against the whole catalogue,
-extract preferences for raw histories, explain one ranked item. The deployments in :mod:`serve.app` hold one
-of these each; tests use them directly.
+"""Recommendation from a trained run, without Ray: resolve users and histories, score them against the whole
+catalogue (exactly, or through an ANN index: :mod:`lane_ray.index`), extract preferences for raw histories,
+explain one ranked item. The Python API (:class:`lane_ray.api.Recommender`) and the Ray Serve deployments
+(``serve/app.py``) each hold these cores; the library never imports the app.
 
 Everything a request can get wrong raises :class:`RequestError` (HTTP status, field, one-line message), which the
 Ingress turns into a 4xx body naming the field.
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lane_ray.errors import DataError
+from lane_ray.models.checkpoints import resolve_checkpoint
 
 _SPACES = re.compile(r"\s+")
 
@@ -116,17 +118,6 @@ def load_catalogue(catalog: Any, item_ids: np.ndarray) -> Catalogue:
     return out
 
 
-def resolve_checkpoint(run: Path, name: str) -> Path:
-    """The checkpoint directory ``name`` names: a path to one, or a directory under ``run/checkpoints``; a name
-    that is neither raises, listing the run's checkpoints."""
-    ckpt = Path(name) if Path(name).is_dir() else run / "checkpoints" / name
-    if not ckpt.is_dir():
-        have = sorted(p.name for p in (run / "checkpoints").glob("*") if p.is_dir())
-        raise DataError(f"no checkpoint '{name}' (have: {', '.join(have) or 'none'}; run `lane train` first)",
-                        file=ckpt)
-    return ckpt
-
-
 class RankerCore:
     """A trained checkpoint, its item table and the run's users, scoring batches of histories."""
 
@@ -168,7 +159,7 @@ class RankerCore:
         self.ann = None
         self.ann_margin = ann_margin
         if ann_index:
-            from serve.index import AnnIndex
+            from lane_ray.index import AnnIndex
 
             path = run / "index" / ckpt.name if ann_index == "auto" else Path(ann_index)
             self.ann = AnnIndex(path, ckpt, ann_ef_search, ann_nprobe)

@@ -123,3 +123,18 @@ class AnnIndex:
         """``[B, k]`` dense item indices (1-based; 0 where fewer than ``k`` were found), best first."""
         _, ids = self.index.search(np.ascontiguousarray(reps, dtype=np.float32), k)
         return np.where(ids >= 0, ids + 1, 0)
+
+
+def build_for_run(run_dir: str | Path, checkpoint: str = "lane", kind: str = "hnsw", out: str | Path | None = None,
+                  quiet: bool = False, **params: Any) -> tuple[Path, dict[str, Any]]:
+    """`lane index`: the index of a run's checkpoint (a name under ``RUN/checkpoints`` or a path), written to
+    ``out`` (default ``RUN/index/<checkpoint>``), where the serving app finds it; ``(out, description)``."""
+    from lane_ray.console import log
+    from lane_ray.models.checkpoints import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(Path(run_dir), checkpoint)
+    dest = Path(out) if out else Path(run_dir) / "index" / ckpt.name
+    if not quiet:
+        log(f"index: building a {kind} index of {ckpt.name}'s item table")
+    return dest, build_for_checkpoint(ckpt, dest, kind, **params)
+
