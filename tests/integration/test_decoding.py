@@ -56,7 +56,7 @@ def reference(llm, conversations, params: GenerationParams, constraint: Template
     import torch
     from transformers import LogitsProcessorList
 
-    from lane_ray.llm.transformers_backend import TemplateProcessor, TokenVocabulary
+    from lane_ray.llm.constrained import TemplateProcessor, TokenVocabulary
 
     texts = [llm.render(c, PREFILL) for c in conversations]
     enc = llm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -173,7 +173,7 @@ def test_one_template_per_conversation(llm):
 
 
 def test_free_text_avoids_words(llm):
-    from lane_ray.llm.transformers_backend import spells
+    from lane_ray.llm.backend import spells
 
     avoid = ("drama", "comedy", "horror", "action", "romance", "thriller")
     template = Template((FreeText(6, 14, SLOT_CHARS, avoid), Text('"')))
@@ -191,7 +191,7 @@ def test_free_text_avoids_words(llm):
 def test_free_text_distinct_words_bans_an_earlier_slots_word_stems(llm):
     import torch
 
-    from lane_ray.llm.transformers_backend import TemplateProcessor, TokenVocabulary
+    from lane_ray.llm.constrained import TemplateProcessor, TokenVocabulary
 
     free = FreeText(1, 6, SLOT_CHARS, distinct_words=True, repeatable=("them", "with"))
     template = Template((free, Text('", "'), free, Text('"')))
@@ -245,7 +245,7 @@ def test_free_text_prefer_bias_steers_towards_words(llm):
 def test_free_text_finish_bias_finishes_a_begun_preferred_word(llm):
     import torch
 
-    from lane_ray.llm.transformers_backend import TemplateProcessor, TokenVocabulary
+    from lane_ray.llm.constrained import TemplateProcessor, TokenVocabulary
 
     vocab = TokenVocabulary(llm.tokenizer)
     tok = lambda piece: llm.tokenizer.encode(piece, add_special_tokens=False)  # noqa: E731
@@ -302,7 +302,7 @@ def test_free_text_token_bounds(llm, lo, hi):
 def test_adjacent_distinct_choices_after_a_prefix_option(llm):
     import torch
 
-    from lane_ray.llm.transformers_backend import TemplateProcessor, TokenVocabulary
+    from lane_ray.llm.constrained import TemplateProcessor, TokenVocabulary
 
     options = ("Sci", "Sci-Fi", "Drama")  # "Sci" is complete, and the prefix of "Sci-Fi"
     template = Template((Choice(options, True), Choice(options, True), Choice(options, True), Text('"')))

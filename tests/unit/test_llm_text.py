@@ -217,7 +217,8 @@ def test_share_slots_follow_the_strength_of_each_category():
 
 
 def test_avoided_words_are_whole_words_four_letter_prefixes_or_extensions():
-    from lane_ray.llm.transformers_backend import avoided, spells
+    from lane_ray.llm.backend import spells
+    from lane_ray.llm.constrained import avoided
 
     words = ("drama", "war", "thriller")
     assert spells("drama", words) and spells("dram", words) and spells("dramas", words) and spells("war", words)
