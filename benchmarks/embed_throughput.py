@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
+from _results import emit
 
 DIRECT = r"""
 import json, sys, time, os
@@ -199,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         result["driver_peak_private_mb"] = rpeak["driver_private"]
         result["actor_peak_private_mb"] = rpeak["actor_private"]
         result["peak_rss_mb"] = max(rpeak["driver"], rpeak["actor"])
-    line = json.dumps(result)
-    print(line)
-    if args.out_json:
-        args.out_json.write_text(line + "\n")
-    return 0
+    return emit(result, out_json=args.out_json)
 
 
 if __name__ == "__main__":

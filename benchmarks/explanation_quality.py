@@ -12,9 +12,10 @@ The run needs ``data/``, ``preferences.parquet`` and a ``candidates.parquet`` wi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from _results import emit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                                use_ray=False, backend=backend, encoder=TextEncoder(cfg.embed.model, device="cpu"),
                                vocab=vocab, controls=controls)
     summary.update(run=str(args.run), users_requested=args.users, top_k=args.top_k, overrides=args.overrides)
-    if args.out_json:
-        args.out_json.parent.mkdir(parents=True, exist_ok=True)
-        args.out_json.write_text(json.dumps(summary, indent=2))
-    if args.json:
-        print(json.dumps(summary))
-    else:
+    emit(summary, out_json=args.out_json, show=args.json)
+    if not args.json:
         for k, v in summary["rates"].items():
             print(f"{k:22s} {v!s:>8}  chance {summary['chance'].get(k)!s:>8}  "
                   f"{summary['passed'].get(k)} / {summary['measured'].get(k)}")

@@ -12,9 +12,10 @@ SparseAdam), ``title_batch`` (title vectors through the projection, only the bat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+
+from _results import emit
 
 
 def _step(name: str, model, opt, items, num_items: int) -> None:
@@ -72,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             _step(name, model, opt, b, N)
         out[name] = round((time.perf_counter() - t0) / args.steps, 4)
         del model, opt
-    line = json.dumps({"items": N, "threads": args.threads, "batch": B, "window": L, "seconds_per_step": out})
-    print(line)
-    return 0
+    return emit({"items": N, "threads": args.threads, "batch": B, "window": L, "seconds_per_step": out})
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ result then says ``llm_is_stand_in: true``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _results import emit
 
 from lane_ray.data.split import LeaveOneOutSplit
 from lane_ray.errors import DataError, LaneError
@@ -326,17 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result["encoder"] = args.encoder
-    line = json.dumps(result)
     if not args.json:
         llm, shuf = result["llm"], result["llm_beats_shuffled"]
         ladder = ", ".join(f"{n} {r['auc']}" for n, r in result["ladder"].items())
         print(f"{result['users']} users, model {result['model']}: AUC {llm['auc']}, minus shuffled {shuf['mean']} "
               f"[{shuf['ci_low']}, {shuf['ci_high']}]; ladder {ladder} (in order: {result['ladder_in_order']}); "
               f"genre agreement {llm['genre_agreement']}", file=sys.stderr)
-    print(line)
-    if args.out_json:
-        args.out_json.write_text(line + "\n")
-    return 0
+    return emit(result, out_json=args.out_json)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _results import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -65,8 +66,8 @@ def ann_recall(run: Path, checkpoint: str, kind: str, users: np.ndarray, n: int,
     """Build the index (timed), then for each search setting (HNSW efSearch or IVF nprobe) the recall@k of the ANN
     top-k against exact top-k over ``n`` users and the in-process scoring time per user (batches of one, as a
     lone request). ``chosen``: the cheapest setting reaching ``target`` recall (else the best one)."""
-    from lane_ray.serving import RankerCore, RankQuery
     from lane_ray.index import build_for_checkpoint
+    from lane_ray.serving import RankerCore, RankQuery
 
     meta = build_for_checkpoint(run / "checkpoints" / checkpoint, run / "index" / checkpoint, kind,
                                 threads=os.cpu_count())
@@ -239,15 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.shutdown()
     ray.shutdown()
     tmp.cleanup()
-    line = json.dumps(result)
-    if args.out_json:
-        args.out_json.write_text(line + "\n")
-    if args.name:
-        from benchmarks._results import emit
-
-        return emit(result, args.name, True, args.json)
-    print(line if args.json else json.dumps(result, indent=2))
-    return 0
+    return emit(result, args.name, bool(args.name), args.json, args.out_json)
 
 
 if __name__ == "__main__":

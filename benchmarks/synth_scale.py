@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import psutil
+from _results import emit
 
 
 def measure(items: int, users: int, out_dir: Path) -> dict:
@@ -51,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.items, args.users, Path(tmp))
-    line = json.dumps(result)
-    print(line)
-    if args.out_json:
-        args.out_json.write_text(line + "\n")
-    return 0
+    return emit(result, out_json=args.out_json)
 
 
 if __name__ == "__main__":
