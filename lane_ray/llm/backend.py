@@ -124,20 +124,38 @@ _HOLE_OPEN, _HOLE_CLOSE = "\ue000", "\ue001"
 _HOLE = re.compile(_HOLE_OPEN + r"(\d+)" + _HOLE_CLOSE)
 
 
+class JsonStringState:
+    """Where a scan of JSON text stands relative to strings: inside one (``in_str``), right after a backslash in
+    one (``esc``). The one implementation of that scan, for templates and for parsing replies."""
+
+    __slots__ = ("esc", "in_str")
+
+    def __init__(self, in_str: bool = False, esc: bool = False) -> None:
+        self.in_str, self.esc = in_str, esc
+
+    def step(self, ch: str) -> bool:
+        """Advance over one character; True when it is structural (outside every string, not a quote)."""
+        if self.in_str:
+            if self.esc:
+                self.esc = False
+            elif ch == "\\":
+                self.esc = True
+            elif ch == '"':
+                self.in_str = False
+            return False
+        if ch == '"':
+            self.in_str = True
+            return False
+        return True
+
+
 def _json_string_state(text: str, in_str: bool, esc: bool) -> tuple[bool, bool]:
     """Whether JSON text that was inside a string (``in_str``, after a backslash: ``esc``) is inside one after
     ``text``."""
+    state = JsonStringState(in_str, esc)
     for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-    return in_str, esc
+        state.step(ch)
+    return state.in_str, state.esc
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lane_ray.llm.backend import JsonStringState
 from lane_ray.llm.prompts import clean_text
 
 _FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
@@ -26,22 +27,12 @@ _DANGLING = re.compile(
 def _structural(text: str, start: int = 0, state: dict[str, bool] | None = None) -> Iterator[tuple[int, str]]:
     """(index, char) of the characters outside JSON strings (quotes excluded), escapes honoured. When given,
     ``state["open_string"]`` tells afterwards whether the text ends inside a string."""
-    in_str, esc = False, False
+    scan = JsonStringState()
     for i in range(start, len(text)):
-        ch = text[i]
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        else:
-            yield i, ch
+        if scan.step(text[i]):
+            yield i, text[i]
     if state is not None:
-        state["open_string"] = in_str
+        state["open_string"] = scan.in_str
 
 
 def _balanced_span(text: str, start: int) -> str:
