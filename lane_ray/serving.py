@@ -1,7 +1,7 @@
 """Recommendation from a trained run, without Ray: resolve users and histories, score them against the whole
 catalogue (exactly, or through an ANN index: :mod:`lane_ray.index`), extract preferences for raw histories,
 explain one ranked item. The Python API (:class:`lane_ray.api.Recommender`) and the Ray Serve deployments
-(``serve/app.py``) each hold these cores; the library never imports the app.
+(``serve/app.py``) each hold these cores; this module knows nothing of the app.
 
 Everything a request can get wrong raises :class:`RequestError` (HTTP status, field, one-line message), which the
 Ingress turns into a 4xx body naming the field.
