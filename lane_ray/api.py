@@ -28,12 +28,12 @@ class Pipeline:
     local folder and pushed after every stage."""
 
     def __init__(self, config: LaneConfig | None = None, quiet: bool = False) -> None:
-        from lane_ray.storage import is_uri, open_run
+        from lane_ray.storage import open_run
 
-        self.config = config if config is not None else load_config()
-        if is_uri(self.config.run.out):
-            self.config = self.config.model_copy(deep=True)
-            self.config.run.out = open_run(self.config.run.out, self.config.run.stage_dir)
+        self.config = (config if config is not None else load_config()).model_copy(deep=True)
+        # an absolute local folder (Ray workers do not share this process's working directory), or a URI's
+        # local staging folder
+        self.config.run.out = open_run(self.config.run.out, self.config.run.stage_dir)
         self.quiet = quiet
 
     @property

@@ -222,10 +222,10 @@ def _config(args: argparse.Namespace, **flags: Any):
     if getattr(args, "out", None) is not None and not args.out.endswith(".parquet"):
         values["run.out"] = args.out
     cfg = load_config(args.config, args.overrides, values)
-    from lane_ray.storage import is_uri, open_run
+    from lane_ray.storage import open_run
 
-    if is_uri(cfg.run.out):  # s3:// / gs://: work in a local staging folder kept in sync with it
-        cfg.run.out = open_run(cfg.run.out, cfg.run.stage_dir)
+    # an absolute local folder; s3:// / gs://: a local staging folder kept in sync with it
+    cfg.run.out = open_run(cfg.run.out, cfg.run.stage_dir)
     return cfg
 
 

@@ -269,10 +269,11 @@ def push_file(local_path: str | Path) -> None:
 
 
 def open_run(path: str, stage_dir: str | None = None) -> str:
-    """The local folder to work in for run directory ``path``: ``path`` itself, or, for a URI, its staging folder
-    (pulled now, pushed after every stage and when the command ends: :func:`close_all`)."""
+    """The local folder to work in for run directory ``path``: ``path`` itself made absolute (Ray workers do not
+    share the driver's working directory), or, for a URI, its staging folder (pulled now, pushed after every
+    stage and when the command ends: :func:`close_all`)."""
     if not is_uri(path):
-        return path
+        return str(Path(path).expanduser().resolve())
     from lane_ray.console import log
 
     storage = RunStorage(path, Path(stage_dir) if stage_dir else default_stage_dir(path))
