@@ -114,6 +114,7 @@ class Recommender:
         self.run_dir = run_dir
         self._extractor: Any = None
         self._explainer: Any = None
+        self._backend: Any = None  # one LLM for preferences and explanations, loaded on first use
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "lane", config: LaneConfig | None = None) -> Recommender:
@@ -159,12 +160,19 @@ class Recommender:
             res["preferences"] = p["preferences"] if self.aligned else []
         return res
 
+    def _llm(self) -> Any:
+        if self._backend is None:
+            from lane_ray.llm import backend_kwargs, make_backend
+
+            self._backend = make_backend(self.config.llm.backend, **backend_kwargs(self.config.llm))
+        return self._backend
+
     def _preference_core(self) -> Any:
         if self._extractor is None:
             from lane_ray.data import read_prepared
             from lane_ray.serving import PreferenceCore
 
-            self._extractor = PreferenceCore(self.config, read_prepared(self.run_dir).catalog)
+            self._extractor = PreferenceCore(self.config, read_prepared(self.run_dir).catalog, self._llm())
         return self._extractor
 
     def recommend(self, user_id: int | None = None, history: list[int | str] | None = None,
@@ -194,7 +202,7 @@ class Recommender:
         if not llm:
             return template_row(req, settings_from_config(self.config))
         if self._explainer is None:
-            self._explainer = ExplainerCore(self.config)
+            self._explainer = ExplainerCore(self.config, self._llm())
         return self._explainer.explain([req])[0]
 
 

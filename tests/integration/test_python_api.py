@@ -21,8 +21,7 @@ def test_the_worked_example_runs_verbatim(ray_cluster, tmp_path, monkeypatch, ca
     exec(compile(blocks[0], str(DOC), "exec"), scope)  # noqa: S102 - the documented example, run as a user would
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "api-example"
-    for artifact in ("metrics.json", "preferences.parquet", "candidates.parquet", "explanations.parquet",
-                     "report/report.md"):
+    for artifact in ("metrics.json", "preferences.parquet", "candidates.parquet", "report/report.md"):
         assert (run / artifact).exists(), artifact
     assert set(scope["metrics"]) == {"sasrec/id/seed0", "sasrec/lane/seed0"}
     top, new, why = scope["top"], scope["new"], scope["why"]
