@@ -41,9 +41,9 @@ def test_ann_core_matches_exact_top_k(serving_run, kind, tmp_path):
 
 def test_stale_or_missing_index_is_refused(serving_run, tmp_path):
     from lane_ray.errors import DataError
+    from lane_ray.index import build_for_checkpoint
     from lane_ray.models.recommender import load_checkpoint, save_checkpoint
     from lane_ray.serving import RankerCore
-    from lane_ray.index import build_for_checkpoint
 
     with pytest.raises(DataError, match="no ANN index here"):
         RankerCore(serving_run, CHECKPOINT, ann_index=str(tmp_path / "none"))
