@@ -180,10 +180,9 @@ class Recommender:
         """The top ``k`` items for a known ``user_id`` or a ``history``, best first: ``rank``, ``item_id``,
         ``title``, ``score`` and, for a LANE model, the item's attribution (``pref_contrib``, ``pref_share``,
         ``evidence``)."""
-        res = self._query(user_id, history, k)
-        attribution = res.get("attribution") or [{}] * len(res["meta"])
-        return [{"rank": n + 1, "item_id": m["item_id"], "title": m["title"], "score": s, **a}
-                for n, (m, s, a) in enumerate(zip(res["meta"], res["scores"], attribution, strict=True))]
+        from lane_ray.serving import ranked_items
+
+        return ranked_items(self._query(user_id, history, k))
 
     def explain(self, item_id: int, user_id: int | None = None, history: list[int | str] | None = None,
                 llm: bool = True) -> dict[str, Any]:

@@ -35,18 +35,20 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def _fsync_tree(path: Path) -> None:
-    if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
-        for d in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
-            fsync_dir(d)
-        fsync_dir(path)
-    else:
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
+    """fsync a file, or every file of a folder and then each folder, deepest first (one walk)."""
+    if not path.is_dir():
+        _fsync_file(path)
+        return
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync_file(os.path.join(folder, name))
+        fsync_dir(folder)
 
 
 def publish(tmp: str | Path, dest: str | Path) -> Path:

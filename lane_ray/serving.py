@@ -396,6 +396,14 @@ class RankerCore:
         return self.catalogue.meta(d)
 
 
+def ranked_items(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The returned items of one :meth:`RankerCore.serve` answer, best first: ``rank``, ``item_id``, ``title``,
+    ``score`` and the item's attribution entry (when the Ranker computed one)."""
+    attribution = res.get("attribution") or [{}] * len(res["meta"])
+    return [{"rank": n + 1, "item_id": m["item_id"], "title": m["title"], "score": s, **a}
+            for n, (m, s, a) in enumerate(zip(res["meta"], res["scores"], attribution, strict=True))]
+
+
 def _preference_texts(path: Path) -> dict[int, list[str]]:
     if not path.exists():
         return {}

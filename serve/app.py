@@ -31,6 +31,7 @@ from lane_ray.serving import (
     RequestError,
     ServeQuery,
     explain_request,
+    ranked_items,
     template_row,
 )
 from serve.schemas import (
@@ -324,9 +325,7 @@ def build_ingress(api: FastAPI) -> type:
                 self._check_limits(body)
                 res = await self._rank(body, body.k, with_history=body.explain)
                 who = res["who"]
-                attribution = res.get("attribution") or [{}] * len(res["meta"])
-                items = [{"rank": n + 1, "item_id": m["item_id"], "title": m["title"], "score": s, **a}
-                         for n, (m, s, a) in enumerate(zip(res["meta"], res["scores"], attribution, strict=True))]
+                items = ranked_items(res)
                 explanations = []
                 if body.explain and items:
                     atts = res.get("attribution") or [None] * len(items)

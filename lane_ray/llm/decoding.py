@@ -22,6 +22,7 @@ no draw, so a seed gives other samples than ``generate`` gave: the same distribu
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ def common_prefix(rows: list[list[int]]) -> int:
     return k
 
 
+@functools.cache
 def _growing_layer_class() -> Any:
     """A ``DynamicLayer`` that appends into preallocated room instead of concatenating. ``DynamicLayer.update``
     builds new key and value tensors every pass (``torch.cat``), so a pass copies the batch's whole cache: ~0.5 GB
