@@ -90,3 +90,53 @@ def test_dockerfile_installs_the_gpu_extra_and_copies_the_code():
     assert "[gpu,ann]" in text
     for folder in ("lane_ray", "jobs", "serve"):
         assert f"COPY {folder} ./{folder}" in text
+
+
+def test_rayservice_api_key_comes_from_the_secret_on_every_container():
+    """serve.api_key_env=LANE_API_KEY: build_app raises without the variable, and the app is built (and its Ingress
+    replicas run) on any node, so every container reads it from the Secret that secret.yaml defines."""
+    doc = _load("kuberay/rayservice.yaml")
+    sets = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]["set"]
+    (env_name,) = [s.split("=", 1)[1] for s in sets if s.startswith("serve.api_key_env=")]
+    secret = _load("kuberay/secret.yaml")
+    assert secret["kind"] == "Secret" and secret["apiVersion"] == "v1"
+    spec = _cluster_spec(doc)
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        for c in pod["template"]["spec"]["containers"]:
+            (var,) = [e for e in c.get("env", []) if e["name"] == env_name]
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"])
+def test_every_claimed_volume_is_defined_and_shared(name):
+    pvc = _load("kuberay/pvc.yaml")
+    assert pvc["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    spec = _cluster_spec(_load(name))
+    for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["template"]["spec"].get("volumes", [])
+                  if "persistentVolumeClaim" in v]
+        assert claims == [pvc["metadata"]["name"]]
+
+
+def test_image_pins_ray_to_the_manifests_version_and_has_the_probe_tools():
+    text = (CLUSTER / "Dockerfile").read_text()
+    version = _cluster_spec(_load("kuberay/rayservice.yaml"))["rayVersion"]
+    assert f"ARG RAY_VERSION={version}" in text and "ray[data,train,serve,default]==${RAY_VERSION}" in text
+    apt = next(line for line in text.splitlines() if "apt-get install" in line)
+    assert " wget" in apt  # KubeRay's probes call wget
+    assert "docker build -f cluster/Dockerfile -t REGISTRY/lane-ray:0.1.0 ." in text and "docker push" in text
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml"):
+        spec = _cluster_spec(_load(f"kuberay/{name}"))
+        for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+            assert all(c["image"] == "lane-ray:0.1.0" for c in pod["template"]["spec"]["containers"])
+
+
+def test_launcher_leaves_environments_and_runs_behind_and_pins_ray():
+    doc = _load("lane-cluster.yaml")
+    for what in (".venv", "runs", ".git"):
+        assert f"**/{what}" in doc["rsync_exclude"]
+    assert ".gitignore" in doc["rsync_filter"]
+    assert any("ray[data,train,serve,default]==" + importlib.import_module("ray").__version__ in c
+               for c in doc["setup_commands"])
