@@ -28,12 +28,15 @@ def train_in_process(tc: TrainConfig, feats, run_dir: Path) -> tuple[Any, dict[s
     from lane_ray.pipeline.train import build_model, finish_run, run_name, variant_features
     from lane_ray.train.loop import FitSettings, fit
 
-    torch.manual_seed(tc.seed)
-    model = build_model(tc, feats)
-    s = FitSettings(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
-                    loss=tc.loss, patience=tc.patience, eval_batch_size=tc.eval_batch_size, seed=tc.seed,
-                    eval_users=tc.eval_users)
-    summary = fit(model, variant_features(feats, tc.variant, tc.seed), s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(tc.threads_per_worker or threads)
+    try:
+        torch.manual_seed(tc.seed)  # as a Ray Train worker does: the same initial weights and dropout masks
+        vf = variant_features(feats, tc.variant, tc.seed)
+        model = build_model(tc, vf)
+        summary = fit(model, vf, FitSettings.of(tc))
+    finally:
+        torch.set_num_threads(threads)
     name = run_name(tc)
     save_checkpoint(model, run_dir / "checkpoints" / name,
                     {"backbone": tc.backbone, "variant": tc.variant, "seed": tc.seed, "loss": tc.loss,

@@ -133,9 +133,8 @@ def _save_state(directory: Path, model, optimizer, state: dict[str, Any], best_s
         best.load_state_dict(best_state)
         save_checkpoint(best, directory / "best", {**meta, "epoch": state["best_epoch"],
                                                     "valid": state["best_valid"]})
-    # the RNG state too: a run resumed after a failure draws the same dropout masks as one never disturbed
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **state},
-               directory / "train_state.pt")
+    # no RNG state: every epoch seeds its draws from (seed, epoch, rank) (lane_ray.train.loop.TrainingRun)
+    torch.save({"optimizer": optimizer.state_dict(), **state}, directory / "train_state.pt")
 
 
 def _die_after(batches: Any, n: int) -> Any:
@@ -147,7 +146,8 @@ def _die_after(batches: Any, n: int) -> Any:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker loop (see the module docstring)."""
+    """Ray Train worker loop (see the module docstring): :class:`~lane_ray.train.loop.TrainingRun` over this worker's
+    shard, a checkpoint from rank 0 every epoch."""
     import ray
     import ray.train
     import torch
@@ -156,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import prepare_model
 
     from lane_ray.models import load_checkpoint
-    from lane_ray.train.loop import eval_rows, evaluate, make_optimizer, sampled_negatives, train_epoch
+    from lane_ray.train.loop import FitSettings, TrainingRun
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -165,67 +165,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     feats = variant_features(ray.get(config["features"]), tc.variant, tc.seed)
     model = build_model(tc, feats)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
-    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "best_valid": None, "curve": []}
-    best_state = None
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+    ddp = prepare_model(model) if world > 1 or tc.use_gpu else model
+    model.to(device)
+    run = TrainingRun(model, feats, FitSettings.of(tc), device, rank, module=ddp)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # restarted after a failure: resume where the last checkpoint left off
         with ckpt.as_directory() as d:
             resumed, _ = load_checkpoint(Path(d) / "model")
             model.load_state_dict(resumed.state_dict())
             saved = torch.load(Path(d) / "train_state.pt", weights_only=True)
-            optimizer.load_state_dict(saved.pop("optimizer"))
-            rng = saved.pop("torch_rng", None)
-            state.update(saved)
+            run.optimizer.load_state_dict(saved.pop("optimizer"))
+            saved.pop("torch_rng", None)  # an RNG state is not needed: every epoch seeds its own draws
+            run.state.update(saved)
             if (Path(d) / "best").exists():
-                best_state = load_checkpoint(Path(d) / "best")[0].state_dict()
-            if rng is not None:  # last: building the models above draws from the RNG
-                torch.set_rng_state(rng)
+                run.best_weights = load_checkpoint(Path(d) / "best")[0].state_dict()
         if rank == 0:
-            log(f"train: resumed at epoch {state['epoch']} (best valid ndcg@10 {state['best_ndcg']:.4f})")
-    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
-    ddp = prepare_model(model) if world > 1 or tc.use_gpu else model
-    model.to(device)
-    negatives = sampled_negatives(feats, 100, tc.seed) if rank == 0 else None
+            log(f"train: resumed at epoch {run.state['epoch']} (best valid ndcg@10 {run.state['best_ndcg']:.4f})")
     shard = ray.train.get_dataset_shard("train")
     meta = {"backbone": tc.backbone, "variant": tc.variant, "seed": tc.seed, "loss": tc.loss}
-    for epoch in range(state["epoch"], tc.epochs):
-        t0 = time.perf_counter()
-        # this worker's shard (user row numbers: 8 bytes a user) in a permutation drawn from (seed, epoch, rank):
-        # the same batches in every run and after a restart (Ray Data's local shuffle depends on the iterator's
-        # own history, so a resumed worker would see other batches)
+    for epoch in range(run.state["epoch"], tc.epochs):
+        # this worker's shard: user row numbers (8 bytes a user), in Ray Data's block order; TrainingRun shuffles
+        # them by (seed, epoch, rank) (Ray Data's local shuffle depends on the iterator's own history, so a resumed
+        # worker would see other batches)
         rows = np.concatenate([b["data"] for b in shard.iter_batches(batch_size=65_536, batch_format="numpy")]
                               or [np.zeros(0, np.int64)])
-        rows = rows[np.random.default_rng([tc.seed, epoch, rank, 2]).permutation(rows.size)]
-        rows_iter = (rows[i:i + tc.batch_size] for i in range(0, rows.size, tc.batch_size))
-        if config.get("fail_at_epoch") == epoch and ckpt is None:
-            rows_iter = _die_after(rows_iter, 1)  # fault injection for tests: the worker dies mid-epoch, once
-        loss = train_epoch(model, optimizer, feats, rows_iter, tc.loss, device, module=ddp,
-                           rng=np.random.default_rng([tc.seed, epoch, rank, 1]))
-        rec: dict[str, Any] = {"epoch": epoch, "loss": loss, "epoch_seconds": time.perf_counter() - t0}
+        fault = config.get("fail_at_epoch") == epoch and ckpt is None
+        # fault injection for tests: the worker dies mid-epoch, once
+        rec = run.train(rows, epoch, wrap=(lambda b: _die_after(b, 1)) if fault else None)
         stop = [False]
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                v = evaluate(model, feats, "valid", ("full", "sampled100"), tc.eval_batch_size, device, negatives,
-                             users=eval_rows(feats.split.num_users, tc.eval_users))
-                rec["valid"] = v
-                rec["eval_seconds"] = time.perf_counter() - t0 - rec["epoch_seconds"]
-                if v["full"]["ndcg@10"] > state["best_ndcg"]:
-                    state.update(best_ndcg=v["full"]["ndcg@10"], best_epoch=epoch, best_valid=v)
-                    best_state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
-                state["curve"].append(rec)
-                state["epoch"] = epoch + 1
-                stop[0] = epoch - state["best_epoch"] >= tc.patience
-                log(f"train: epoch {epoch + 1}/{tc.epochs} loss {loss:.4f} valid ndcg@10 full "
+                stop[0] = run.validate(rec)
+                v = rec["valid"]
+                log(f"train: epoch {epoch + 1}/{tc.epochs} loss {rec['loss']:.4f} valid ndcg@10 full "
                     f"{v['full']['ndcg@10']:.4f} sampled100 {v['sampled100']['ndcg@10']:.4f} "
-                    f"({rec['epoch_seconds']:.1f} s){' best' if state['best_epoch'] == epoch else ''}"
+                    f"({rec['epoch_seconds']:.1f} s){' best' if run.state['best_epoch'] == epoch else ''}"
                     f"{' - stopping' if stop[0] else ''}")
-                _save_state(Path(tmp), model, optimizer, state, best_state, meta)
+                _save_state(Path(tmp), model, run.optimizer, run.state, run.best_weights, meta)
                 checkpoint = Checkpoint.from_directory(tmp)
             if world > 1:
                 dist.broadcast_object_list(stop, src=0)
-            metrics = {"epoch": epoch, "loss": loss,
+            metrics = {"epoch": epoch, "loss": rec["loss"],
                        "valid_ndcg@10": rec["valid"]["full"]["ndcg@10"] if "valid" in rec else None}
             ray.train.report(metrics, checkpoint=checkpoint)
         if stop[0]:
@@ -269,13 +251,12 @@ def train_variant(tc: TrainConfig, ray_cfg: RayConfig, run_dir: Path, feats, fai
     curve to ``run_dir/curves/<backbone>-<variant>-seed<k>.json``. Returns the curve summary."""
     import ray
 
-    from lane_ray.pipeline.cluster import init_ray
+    from lane_ray.pipeline.cluster import init_ray, wait_for_resources
 
-    resources = init_ray(ray_cfg)
-    need = tc.num_workers * tc.cpus_per_worker
-    if need > resources.get("CPU", 0):
-        raise LaneError(f"train: {tc.num_workers} workers x {tc.cpus_per_worker} CPU need {need:g} CPUs; the "
-                        f"cluster has {resources.get('CPU', 0):g} (lower train.cpus_per_worker or num_workers)")
+    init_ray(ray_cfg)
+    # each worker's bundle on some node: waits for the autoscaler (ray.resource_wait_s) instead of refusing
+    worker = {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if tc.use_gpu else {})}
+    resources = wait_for_resources([worker] * tc.num_workers, f"train ({tc.num_workers} Ray Train worker(s))", ray_cfg)
     from lane_ray.storage import remote_dir, resolve_uri
 
     name = run_name(tc)

@@ -1,10 +1,10 @@
 """Pure epoch functions: training, evaluation under both protocols, faithfulness. No Ray; the Ray Train loop
-(``lane_ray.pipeline.train``) and the in-process experiments call the same functions."""
+(``lane_ray.pipeline.train``) and the in-process experiments drive the same :class:`TrainingRun`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,10 +27,15 @@ class FitSettings:
     weight_decay: float = 0.0
     loss: Literal["bce", "ce"] = "ce"
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    eval_every: int = 1
     eval_batch_size: int = 256
     seed: int = 0
     eval_users: int | None = None  # evaluate on this fixed sample of users (eval_rows); None = all
+
+    @classmethod
+    def of(cls, tc: Any) -> FitSettings:
+        """The settings of a :class:`~lane_ray.config.TrainConfig`."""
+        return cls(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay, loss=tc.loss,
+                   patience=tc.patience, eval_batch_size=tc.eval_batch_size, seed=tc.seed, eval_users=tc.eval_users)
 
 
 def eval_rows(num_users: int, n: int | None) -> np.ndarray | None:
@@ -286,48 +291,85 @@ def faithfulness(model: SequentialRecommender, feats: Features, stage: str = "te
             "mean_drop_random": float(dr.mean()) if dr.size else None}
 
 
-def epoch_rows(num_users: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Shuffled batches of split rows for one epoch (the seed and epoch fix the order)."""
-    rows = np.random.default_rng([seed, epoch]).permutation(num_users)
-    return [rows[i:i + batch_size] for i in range(0, num_users, batch_size)]
+class TrainingRun:
+    """The epochs of one training run, the same code in this process (:func:`fit`) and in a Ray Train worker
+    (``lane_ray.pipeline.train``): a worker's rows in a permutation drawn from ``(seed, epoch, rank)``, history
+    windows drawn from another stream of the same key, validation NDCG@10 on rank 0 with early stopping, and
+    ``state`` (what a checkpoint holds besides the weights, the optimizer and the torch RNG). One Ray Train worker
+    has every row in order, so it trains on the same batches with the same draws as :func:`fit`. The caller seeds
+    torch before building the model, so both paths start from the same weights."""
+
+    def __init__(self, model: SequentialRecommender, feats: Features, s: FitSettings,
+                 device: torch.device | str = "cpu", rank: int = 0, module: torch.nn.Module | None = None) -> None:
+        self.model, self.feats, self.s, self.rank = model, feats, s, rank
+        self.device = torch.device(device)
+        self.module = module or model  # what the loss is called on: a DDP wrapper under Ray Train
+        self.optimizer = make_optimizer(model, s.lr, s.weight_decay)
+        self.negatives = sampled_negatives(feats, 100, s.seed) if rank == 0 else None
+        self.users = eval_rows(feats.split.num_users, s.eval_users)
+        self.state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "best_valid": None,
+                                      "curve": []}
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def batches(self, rows: np.ndarray, epoch: int) -> Iterator[np.ndarray]:
+        """``rows`` (this worker's split rows) in batches, shuffled by ``(seed, epoch, rank)``: the same batches in
+        every run and after a restart."""
+        rows = rows[np.random.default_rng([self.s.seed, epoch, self.rank, 2]).permutation(rows.size)]
+        return (rows[i:i + self.s.batch_size] for i in range(0, rows.size, self.s.batch_size))
+
+    def train(self, rows: np.ndarray, epoch: int,
+              wrap: Callable[[Iterator[np.ndarray]], Iterable[np.ndarray]] | None = None) -> dict[str, Any]:
+        """One epoch over ``rows``; its curve record (``epoch``, ``loss``, ``epoch_seconds``). ``wrap`` sees the
+        batches on their way (fault injection)."""
+        t0 = time.perf_counter()
+        # dropout draws from torch's RNG seeded by (seed, epoch, rank): every worker of a run restarted after a
+        # failure draws the masks of the run never disturbed, not only the one whose RNG a checkpoint could hold
+        torch.manual_seed(int(np.random.default_rng([self.s.seed, epoch, self.rank, 3]).integers(2**62)))
+        batches = self.batches(rows, epoch)
+        loss = train_epoch(self.model, self.optimizer, self.feats, wrap(batches) if wrap else batches, self.s.loss,
+                           self.device, module=self.module,
+                           rng=np.random.default_rng([self.s.seed, epoch, self.rank, 1]))
+        return {"epoch": epoch, "loss": loss, "epoch_seconds": time.perf_counter() - t0}
+
+    def validate(self, rec: dict[str, Any]) -> bool:
+        """Rank 0 after an epoch: validation metrics into ``rec``, the best weights kept, the curve extended;
+        whether to stop (``patience`` epochs without a better validation NDCG@10)."""
+        t0 = time.perf_counter()
+        v = evaluate(self.model, self.feats, "valid", ("full", "sampled100"), self.s.eval_batch_size, self.device,
+                     self.negatives, users=self.users)
+        rec["valid"] = v
+        rec["eval_seconds"] = time.perf_counter() - t0
+        epoch = rec["epoch"]
+        if v["full"]["ndcg@10"] > self.state["best_ndcg"]:
+            self.state.update(best_ndcg=v["full"]["ndcg@10"], best_epoch=epoch, best_valid=v)
+            self.best_weights = {k: t.detach().cpu().clone() for k, t in self.model.state_dict().items()}
+        self.state["curve"].append(rec)
+        self.state["epoch"] = epoch + 1
+        return epoch - self.state["best_epoch"] >= self.s.patience or epoch + 1 >= self.s.epochs
 
 
 def fit(model: SequentialRecommender, feats: Features, s: FitSettings, device: torch.device | str = "cpu",
         on_epoch: Callable[[dict[str, Any], SequentialRecommender], None] | None = None) -> dict[str, Any]:
-    """Train with early stopping on validation NDCG@10 (full ranking); keeps the best weights in ``model``.
+    """Train in this process with early stopping on validation NDCG@10 (full ranking), by :class:`TrainingRun` as
+    one Ray Train worker does; keeps the best weights in ``model``. Seed torch before building ``model``.
 
     Returns ``{"curve": [...per-epoch dicts...], "best_epoch", "best_valid", "epochs", "train_seconds"}``."""
-    device = torch.device(device)
-    torch.manual_seed(s.seed)
-    model.to(device)
-    optimizer = make_optimizer(model, s.lr, s.weight_decay)
-    negatives = sampled_negatives(feats, 100, s.seed)
-    users = eval_rows(feats.split.num_users, s.eval_users)
-    best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "valid": None}
-    curve: list[dict[str, Any]] = []
+    model.to(torch.device(device))
+    run = TrainingRun(model, feats, s, device)
+    rows = np.arange(feats.split.num_users)
     t0 = time.perf_counter()
-    epoch = 0
     for epoch in range(s.epochs):
-        te = time.perf_counter()
-        loss = train_epoch(model, optimizer, feats, epoch_rows(feats.split.num_users, s.batch_size, s.seed, epoch),
-                           s.loss, device, rng=np.random.default_rng([s.seed, epoch, 1]))
-        rec: dict[str, Any] = {"epoch": epoch, "loss": loss, "epoch_seconds": time.perf_counter() - te}
-        if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
-            v = evaluate(model, feats, "valid", ("full", "sampled100"), s.eval_batch_size, device, negatives,
-                         users=users)
-            rec["valid"] = v
-            if v["full"]["ndcg@10"] > best["ndcg"]:
-                best = {"ndcg": v["full"]["ndcg@10"], "epoch": epoch, "valid": v,
-                        "state": {k: t.detach().clone() for k, t in model.state_dict().items()}}
-        curve.append(rec)
+        rec = run.train(rows, epoch)
+        stop = run.validate(rec)
         if on_epoch is not None:
             on_epoch(rec, model)
-        if epoch - best["epoch"] >= s.patience * s.eval_every:
+        if stop:
             break
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    return {"curve": curve, "best_epoch": best["epoch"], "best_valid": best["valid"], "epochs": epoch + 1,
-            "train_seconds": time.perf_counter() - t0}
+    if run.best_weights is not None:
+        model.load_state_dict(run.best_weights)
+    st = run.state
+    return {"curve": st["curve"], "best_epoch": st["best_epoch"], "best_valid": st["best_valid"],
+            "epochs": len(st["curve"]), "train_seconds": time.perf_counter() - t0}
 
 
 Pick = Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]]

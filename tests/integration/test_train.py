@@ -163,6 +163,27 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_run):
     assert calm["best_valid"] == summary["best_valid"]
 
 
+def test_in_process_training_equals_one_ray_train_worker(ray_cluster, tiny_run):
+    """`--workers 0` (this process) and one Ray Train worker run the same TrainingRun: same batches, history windows,
+    dropout masks and early stopping, so the same curve and the same test metrics."""
+    from lane_ray.models import load_checkpoint
+    from lane_ray.pipeline.experiment import train_in_process
+    from lane_ray.pipeline.train import evaluate_model, train_variant
+    from lane_ray.train.features import load_features
+
+    feats = load_features(tiny_run)
+    tc, rc = _cfg(variant="lane", num_workers=1, epochs=4, patience=1, seed=7, dropout=0.3)
+    local_model, local = train_in_process(tc, feats, tiny_run)
+    ray_summary = train_variant(tc, rc, tiny_run, feats)
+    ray_model, _ = load_checkpoint(ray_summary["checkpoint"])
+    assert len(local["curve"]) == len(ray_summary["curve"]) >= 2
+    for a, b in zip(local["curve"], ray_summary["curve"], strict=True):
+        assert (a["epoch"], a["loss"], a["valid"]) == (b["epoch"], b["loss"], b["valid"])
+    assert local["best_epoch"] == ray_summary["best_epoch"]
+    ours, theirs = (evaluate_model(m, feats, tc, "lane", 7) for m in (local_model, ray_model))
+    assert ours["full"] == theirs["full"] and ours["sampled100"] == theirs["sampled100"]
+
+
 def test_corrupt_or_truncated_checkpoint_names_the_file(tmp_path, tiny_run):
     from lane_ray.errors import DataError
     from lane_ray.models import load_checkpoint
@@ -191,8 +212,9 @@ def test_ray_train_matches_requested_resources(ray_cluster, tiny_run):
 
     feats = load_features(tiny_run, preferences=False)
     tc, rc = _cfg(variant="id", num_workers=3)
-    with pytest.raises(LaneError, match="need 3 CPUs"):
-        train_variant(tc, rc, tiny_run, feats)
+    with pytest.raises(LaneError, match=r"needs 3 CPU \(3 x 1 CPU\); the cluster has 2 CPU on 1 node\(s\) after "
+                       r"waiting \d+ s \(ray.resource_wait_s\)"):
+        train_variant(tc, rc.model_copy(update={"resource_wait_s": 1.0}), tiny_run, feats)
 
 
 def test_cli_train_evaluate_and_ablation(ray_cluster, tmp_path, capsys):
