@@ -40,8 +40,8 @@ from lane_ray.llm.explain import (
 )
 from lane_ray.llm.explain_checks import ROW_CHECKS, Vocabulary, check_rates, compute_checks
 from lane_ray.llm.prompts import HistoryItem
-from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
-from lane_ray.progress import NewEntries, RssSampler, expect, llm_rate_key, log
+from lane_ray.pipeline.keyed_parts import KeyedParts
+from lane_ray.progress import llm_rate_key, log
 from lane_ray.text.rows import key64
 
 CANDIDATE_COLUMNS = ("user_id", "item_id", "rank", "score", "pref_contrib", "pref_share", "history_item_ids",
@@ -344,9 +344,7 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
         raise ValueError("an injected backend runs in-process only (use_ray=False)")
     t0 = time.perf_counter()
     aux = aux_path(out)
-    for d in (out, aux):
-        d.mkdir(parents=True, exist_ok=True)
-    unfinished = remove_unfinished(out) + remove_unfinished(aux)
+    parts = KeyedParts([out, aux], _keys, ["user_id", "item_id", "key_sha1"], EXPLANATIONS_SCHEMA)
     jobs: list[tuple[ExplainRequest, str]] = [(r, "main") for r in requests]
     if follows:
         jobs += [(cf, "counterfactual") for cf in (counterfactual(r, settings) for r in requests) if cf is not None]
@@ -357,38 +355,21 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
     keys = [request_key(r, model_id, settings, k) for r, k in jobs]
     current = key64([np.array([r.user_id for r in reqs], np.int64), np.array([r.item_id for r in reqs], np.int64)],
                     keys) if jobs else np.zeros(0, np.uint64)
-    have = np.zeros(0, np.uint64)
-    for d in (out, aux):
-        if part_files(d):
-            have = np.concatenate([have, _keys(read_parquet(d, columns=["user_id", "item_id", "key_sha1"]))])
-    todo_idx = np.flatnonzero(~np.isin(current, have))
+    todo_idx = parts.missing(current)
     n_main = len(requests)
     log(f"explain: {n_main:,} candidates ({len(jobs) - n_main:,} counterfactual/control rows), "
         f"{len(jobs) - todo_idx.size:,} cached, {todo_idx.size:,} to explain")
-    gen_seconds = 0.0
-    with RssSampler() as rss:
-        if todo_idx.size:
-            table = _requests_table([reqs[i] for i in todo_idx], [keys[i] for i in todo_idx],
-                                    [kinds[i] for i in todo_idx])
-            t1 = time.perf_counter()
-            if use_ray and connect is not None:
-                connect()
-            ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs,
-                    "settings": settings.__dict__.copy(),
-                    "niceness": niceness if use_ray else None}  # in-process: never renice the driver
-            expect(int(todo_idx.size), NewEntries(out), "explanations",
-                   rate_key=llm_rate_key("explanations", backend_kind, model_id, gpus_per_actor))
-            map_to_parts(table, ExplainBatch, ctor, out, batch_size, actors, cpus_per_actor, gpus_per_actor,
-                         use_ray, worker=ExplainBatch(**ctor, backend=backend) if not use_ray else None)
-            gen_seconds = time.perf_counter() - t1
-    # compaction: one row per current key; main rows in `out`, the others in `aux`
-    old = part_files(out) + part_files(aux)
-    found = pa.concat_tables([read_parquet(d).cast(EXPLANATIONS_SCHEMA) for d in (out, aux) if part_files(d)]) \
-        if old else EXPLANATIONS_SCHEMA.empty_table()
-    fk = _keys(found)
-    first = np.zeros(fk.size, dtype=bool)
-    first[np.unique(fk, return_index=True)[1]] = True
-    live = found.filter(pa.array(np.isin(fk, current) & first))
+    if todo_idx.size:
+        table = _requests_table([reqs[i] for i in todo_idx], [keys[i] for i in todo_idx],
+                                [kinds[i] for i in todo_idx])
+        ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs, "settings": settings.__dict__.copy(),
+                "niceness": niceness if use_ray else None}  # in-process: never renice the driver
+        parts.generate(table, ExplainBatch, ctor, batch_size, actors, cpus_per_actor, gpus_per_actor, use_ray,
+                       "explanations", llm_rate_key("explanations", backend_kind, model_id, gpus_per_actor),
+                       connect=connect, worker=ExplainBatch(**ctor, backend=backend) if not use_ray else None)
+    gen_seconds = parts.generate_seconds
+    # one row per current key; main rows in `out` with their checks, the others in `aux`
+    live, _ = parts.live(current)
     if live.num_rows != len(jobs):
         raise LaneError(f"{out}: expected {len(jobs)} explanations after the run, found {live.num_rows}")
     live = live.sort_by([("user_id", "ascending"), ("rank", "ascending")])
@@ -403,18 +384,15 @@ def run_explanations(requests: list[ExplainRequest], out: Path, checks_path: Pat
     main = main.set_column(main.column_names.index("checks"), "checks", pa.array(checks, CHECKS_TYPE))
     summary = check_rates(rows, checks, not_copied_threshold, vocab,
                           [r for r in rest_rows if r["kind"] == "control"])
-    meta = {b"prompt_version": EXPLAIN_PROMPT_VERSION.encode(), b"model": model_id.encode()}
-    write_part(out, main, meta)
-    write_part(aux, rest, meta)
-    for p in old:  # written first, removed after: a crash in between leaves duplicates, never a loss
-        p.unlink()
+    parts.replace([(out, main), (aux, rest)],
+                  {b"prompt_version": EXPLAIN_PROMPT_VERSION.encode(), b"model": model_id.encode()})
     summary.update({
         "model": model_id, "prompt_version": EXPLAIN_PROMPT_VERSION, "explained_now": int(todo_idx.size),
         "cached": len(jobs) - int(todo_idx.size), "counterfactuals": len(cfs),
         "controls": int((kind == "control").sum()),
         "encoder": getattr(encoder, "model_id", None) or (type(encoder).__name__ if encoder is not None else None),
         "seconds": round(time.perf_counter() - t0, 3), "generate_seconds": round(gen_seconds, 3),
-        "discarded_unfinished_writes": unfinished, "driver_peak_rss_mb": rss.peak_mb,
+        "discarded_unfinished_writes": parts.unfinished, "driver_peak_rss_mb": parts.peak_rss_mb,
         "settings": settings.__dict__.copy(),
     })
     if todo_idx.size and gen_seconds:

@@ -8,7 +8,6 @@ each batch is written as one atomic part file, so a killed job keeps every finis
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,8 +25,8 @@ from lane_ray.llm.preferences import (
     extract_batch,
 )
 from lane_ray.llm.prompts import HistoryItem
-from lane_ray.pipeline.sink import map_to_parts, part_files, remove_unfinished, write_part
-from lane_ray.progress import NewEntries, RssSampler, expect, llm_rate_key, log
+from lane_ray.pipeline.keyed_parts import KeyedParts
+from lane_ray.progress import llm_rate_key, log
 from lane_ray.text.rows import key64, text_sha1
 
 PREFERENCES_SCHEMA = pa.schema([
@@ -106,69 +105,45 @@ def run_preferences(users: list[UserHistory], out: Path, backend_kind: str, back
                     settings: ExtractionSettings, model_id: str, batch_size: int, actors: int,
                     cpus_per_actor: float, gpus_per_actor: float, use_ray: bool = True,
                     niceness: int | None = None) -> dict[str, Any]:
-    """Extract preferences for ``users`` into the part directory ``out``; returns the manifest."""
+    """Extract preferences for ``users`` into the part directory ``out`` (only the keys not stored yet, by
+    :class:`~lane_ray.pipeline.keyed_parts.KeyedParts`); returns the manifest."""
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    unfinished = remove_unfinished(out)
+    parts = KeyedParts([out], _row_keys, ["user_id", "history_sha1", "model", "prompt_version"], PREFERENCES_SCHEMA)
     sha = [u.sha1(settings.with_attributes) for u in users]
     ids = np.array([u.user_id for u in users], dtype=np.int64)
     version = settings.prompt_version
     current = _keys(ids, sha, model_id, version)
-    have = np.zeros(0, np.uint64)
-    parts = part_files(out)
-    if parts:
-        t = read_parquet(out, columns=["user_id", "history_sha1", "model", "prompt_version"])
-        have = _row_keys(t)
-    todo = ~np.isin(current, have)
-    todo_users = [u for u, t in zip(users, todo, strict=True) if t]
+    todo_users = [users[i] for i in parts.missing(current)]
     log(f"preferences: {len(users):,} users, {len(users) - len(todo_users):,} cached, {len(todo_users):,} to extract")
-    ray_info: dict[str, Any] = {}
-    settings_d = dict(settings.__dict__)
-    with RssSampler() as rss:
-        if todo_users:
-            table = pa.table({
-                "user_id": pa.array([u.user_id for u in todo_users], pa.int64()),
-                "history": pa.array([json.dumps([[it.title, it.genres, it.year, list(it.extra)] for it in u.items])
-                                     for u in todo_users], pa.string()),
-            })
-            t1 = time.perf_counter()
-            ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs, "settings": settings_d,
-                    "niceness": niceness if use_ray else None}  # in-process: never renice the driver
-            expect(len(todo_users), NewEntries(out), "users",
-                   rate_key=llm_rate_key("preferences", backend_kind, model_id, gpus_per_actor))
-            map_to_parts(table, ExtractBatch, ctor, out, batch_size, actors, cpus_per_actor, gpus_per_actor, use_ray)
-            ray_info = {"seconds": round(time.perf_counter() - t1, 3), "blocks": math.ceil(len(todo_users) /
-                                                                                          batch_size)}
-    # compaction: one row per current key
-    table = read_parquet(out) if part_files(out) else pa.table({c: [] for c in PREFERENCES_SCHEMA.names})
-    # each stored row keyed by its own model and prompt version: rows of an older recipe fall outside
-    # the current keys and are dropped
-    keys = _row_keys(table) if table.num_rows else np.zeros(0, np.uint64)
-    first = np.zeros(keys.size, dtype=bool)
-    first[np.unique(keys, return_index=True)[1]] = True
-    live = np.isin(keys, current) & first
-    if not live.all():
-        kept = table.filter(pa.array(live))
-        old = part_files(out)
-        if kept.num_rows:
-            write_part(out, kept)
-        for p in old:  # written first, removed after: a crash in between leaves duplicates, never a loss
-            p.unlink()
-    final = read_parquet(out)
+    if todo_users:
+        table = pa.table({
+            "user_id": pa.array([u.user_id for u in todo_users], pa.int64()),
+            "history": pa.array([json.dumps([[it.title, it.genres, it.year, list(it.extra)] for it in u.items])
+                                 for u in todo_users], pa.string()),
+        })
+        ctor = {"backend_kind": backend_kind, "backend_kwargs": backend_kwargs, "settings": dict(settings.__dict__),
+                "niceness": niceness if use_ray else None}  # in-process: never renice the driver
+        parts.generate(table, ExtractBatch, ctor, batch_size, actors, cpus_per_actor, gpus_per_actor, use_ray,
+                       "users", llm_rate_key("preferences", backend_kind, model_id, gpus_per_actor))
+    # one row per current key: rows of an older model or prompt version fall outside the current keys
+    final, compact = parts.live(current)
+    if not compact:
+        parts.replace([(out, final)])
     status = Counter(final["status"].to_pylist())
+    seconds = parts.generate_seconds
     manifest = {
         "users": final.num_rows, "extracted_now": len(todo_users), "cached": len(users) - len(todo_users),
         "status": {k: int(v) for k, v in status.items()}, "model": model_id,
         "prompt_version": version, "m": settings.m, "seconds": round(time.perf_counter() - t0, 3),
-        "extract_seconds": ray_info.get("seconds", 0.0), "discarded_unfinished_writes": unfinished,
-        "driver_peak_rss_mb": rss.peak_mb,
+        "extract_seconds": round(seconds, 3), "discarded_unfinished_writes": parts.unfinished,
+        "driver_peak_rss_mb": parts.peak_rss_mb,
     }
-    if todo_users and ray_info.get("seconds"):
+    if todo_users and seconds:
         now = final.filter(pa.array(np.isin(final["user_id"].to_numpy(), [u.user_id for u in todo_users])))
         toks = int(np.sum(now["new_tokens"].to_numpy()))
         manifest["new_tokens"] = toks
-        manifest["tokens_per_s"] = round(toks / ray_info["seconds"], 1)
-        manifest["users_per_s"] = round(len(todo_users) / ray_info["seconds"], 3)
+        manifest["tokens_per_s"] = round(toks / seconds, 1)
+        manifest["users_per_s"] = round(len(todo_users) / seconds, 3)
     if final.num_rows != len(users):
         raise RuntimeError(f"{out}: expected {len(users)} users after the run, found {final.num_rows}")
     write_json(out / "_manifest.json", manifest)

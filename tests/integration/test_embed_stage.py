@@ -16,7 +16,8 @@ import pytest
 
 from lane_ray.config import EmbedConfig, RayConfig
 from lane_ray.errors import DataError
-from lane_ray.pipeline.embed import ENCODER_META, embed_texts, read_embeddings
+from lane_ray.pipeline.embed import embed_texts, read_embeddings
+from lane_ray.pipeline.embed_plan import ENCODER_META
 from lane_ray.text import TextEncoder, encoder_id
 from lane_ray.text.rows import text_sha1
 

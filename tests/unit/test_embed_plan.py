@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lane_ray.pipeline.embed import CATALOG_TEXTS, compact, plan, select_rows
+from lane_ray.pipeline.embed_compact import compact
+from lane_ray.pipeline.embed_plan import CATALOG_TEXTS, plan, select_rows
 from lane_ray.pipeline.sink import write_part
 from lane_ray.text.rows import text_sha1
 
