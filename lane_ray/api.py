@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lane_ray.config import LaneConfig, load_config
+from lane_ray.config import LaneConfig, load_config, with_values
 
 
 class Pipeline:
@@ -65,8 +65,8 @@ class Pipeline:
         ``force``."""
         from lane_ray.pipeline import stages
 
-        update = {k: v for k, v in (("variant", variant), ("backbone", backbone)) if v is not None}
-        cfg = self.config.model_copy(update={"train": self.config.train.model_copy(update=update)})
+        cfg = with_values(self.config, {f"train.{k}": v for k, v in (("variant", variant), ("backbone", backbone))
+                                        if v is not None})
         return stages.train_and_evaluate(cfg, self.quiet, skip_current=not force)
 
     def evaluate(self, checkpoints: list[str | Path] | None = None, faithfulness: bool = False) -> dict[str, Any]:
@@ -80,9 +80,7 @@ class Pipeline:
         variant) for the first ``users`` users (default: the config's ``explain.max_users``); the checks' summary."""
         from lane_ray.pipeline import stages
 
-        cfg = self.config
-        if users is not None:
-            cfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(update={"max_users": users})})
+        cfg = with_values(self.config, {"explain.max_users": users} if users is not None else {})
         return stages.explain_candidates(cfg, self.run_dir / "candidates.parquet", self.quiet)
 
     def report(self, out: str | Path | None = None) -> Path:

@@ -9,23 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-from lane_ray.config import BACKBONES, VARIANTS
+from lane_ray.config import VARIANTS
 from lane_ray.errors import LaneError
 from lane_ray.pipeline import stages
+from lane_ray.submit import SUBMIT_OPTIONS
 
-FORMATS = ["movielens", "recbole", "amazon", "steam", "csv", "parquet"]
 
-
-def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML configuration file (sections as in lane_ray.config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set data.user_k_core=5 (repeatable)")
-    p.add_argument("--out", metavar="DIR", default=out_default,
-                   help="run directory to write into" + (f" (default {out_default})" if out_default else ""))
+    p.add_argument("--out", metavar="DIR", help="run directory to write into (default: config run.out)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
@@ -33,46 +32,59 @@ def _dataset_args(p: argparse.ArgumentParser, positional: bool) -> None:
     if positional:
         p.add_argument("dataset", metavar="DATASET", help="registered name (ml-100k, ml-1m, amazon-beauty, "
                        "steam) or a path to a file or directory")
-    else:
-        p.add_argument("--dataset", metavar="DATASET", help="registered name or path (default: config, ml-100k)")
-    p.add_argument("--format", choices=FORMATS, help="format of a dataset given by path (detected when omitted)")
+    _field_flags(p, {"format": "data.format"} if positional else DATA_FLAGS)
 
 
-# `lane explain` flags and the explain.* fields they override (flags beat --set beats --config beats defaults)
-EXPLAIN_FLAGS = {"mode": "mode", "max-users": "max_users", "top-k": "top_k", "batch-size": "batch_size",
-                 "max-retries": "max_retries", "temperature": "temperature", "seed": "seed",
-                 "budget-tokens": "budget_tokens", "max-why-tokens": "max_why_tokens",
-                 "max-reason-tokens": "max_reason_tokens", "not-copied-threshold": "not_copied_threshold",
-                 "actors": "max_actors", "cpus-per-actor": "cpus_per_actor", "gpus-per-actor": "gpus_per_actor"}
+# flags that set one config field each ("section.field"): type, choices, help and default come from the field
+EXPLAIN_FLAGS = {f: f"explain.{f.replace('-', '_')}" for f in (
+    "mode", "max-users", "top-k", "batch-size", "max-retries", "temperature", "seed", "budget-tokens",
+    "max-why-tokens", "max-reason-tokens", "not-copied-threshold", "cpus-per-actor", "gpus-per-actor")}
+EXPLAIN_FLAGS["actors"] = "explain.max_actors"
+DATA_FLAGS = {"dataset": "data.dataset", "format": "data.format"}
+TRAIN_FLAGS = {"epochs": "train.epochs", "patience": "train.patience"}
+MODEL_FLAGS = {"workers": "train.num_workers", "variant": "train.variant", "backbone": "train.backbone",
+               "seed": "train.seed"}
+SERVE_FLAGS = {"port": "serve.port", "host": "serve.host", "checkpoint": "serve.checkpoint"}
+PREFERENCE_FLAGS = {"max-users": "preferences.max_users"}
+SYNTH_FLAGS = {"items": "synth.items", "users": "synth.users", "seed": "synth.seed"}
 
 
-def _field_flags(p: argparse.ArgumentParser, section: str, flags: dict[str, str]) -> None:
-    """One flag per config field of ``section``: its type, choices, description and default from the config."""
-    import types
-    import typing
-
+def _field_flags(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    """One flag per config field: its type, choices, description and default from the config."""
     from lane_ray.config import LaneConfig
 
-    model = LaneConfig.model_fields[section].annotation
-    for flag, name in flags.items():
-        f = model.model_fields[name]
+    for flag, key in flags.items():
+        section, name = key.split(".")
+        f = LaneConfig.model_fields[section].annotation.model_fields[name]
         kind = f.annotation
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # int | None: the int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=None if choices else kind, choices=choices,
-                       help=f"{f.description} ({section}.{name}, default {f.default})")
+                       help=f"{f.description} ({key}, default {f.default})")
 
 
-def _flag_values(args: argparse.Namespace, section: str, flags: dict[str, str]) -> dict[str, Any]:
-    return {f"{section}.{name}": getattr(args, flag.replace("-", "_")) for flag, name in flags.items()}
+def _flag_values(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    return {key: getattr(args, flag.replace("-", "_")) for flag, key in flags.items()}
+
+
+def _command(sub: Any, name: str, help: str, func: Any, common: bool = True, dataset: bool | None = None,
+             flags: dict[str, str] | None = None, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand running ``func``: the common options unless ``common`` is false, the dataset as a positional
+    (``dataset=True``) or ``--dataset`` (False), and one flag per config field of ``flags``."""
+    p = sub.add_parser(name, help=help, **kw)
+    if common:
+        _common(p)
+    if dataset is not None:
+        _dataset_args(p, positional=dataset)
+    _field_flags(p, flags or {})
+    p.set_defaults(func=func)
+    return p
 
 
 def _group(sub: Any, name: str, help: str, dest: str) -> Any:
     """A command with its own required subcommands (``lane data ...``, ``lane experiment ...``)."""
-    sub_sub = sub.add_parser(name, help=help).add_subparsers(dest=dest, metavar="SUBCOMMAND")
-    sub_sub.required = True
-    return sub_sub
+    return sub.add_parser(name, help=help).add_subparsers(dest=dest, metavar="SUBCOMMAND", required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,118 +92,65 @@ def build_parser() -> argparse.ArgumentParser:
                                      "on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    p = sub.add_parser("run", help="run the whole pipeline (default: ml-100k with the CPU models)")
-    _common(p)
-    _dataset_args(p, positional=False)
+    p = _command(sub, "run", "run the whole pipeline (default: ml-100k with the CPU models)", cmd_run, dataset=False)
     p.add_argument("--force", action="store_true", help="recompute stages even when their output is current")
-    p.set_defaults(func=cmd_run)
 
     dsub = _group(sub, "data", "dataset commands: stats, prepare, synth", "data_command")
-    p = dsub.add_parser("stats", help="statistics of a dataset after preprocessing")
-    _common(p)
-    _dataset_args(p, positional=True)
+    p = _command(dsub, "stats", "statistics of a dataset after preprocessing", cmd_data_stats, dataset=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_data_stats)
-    p = dsub.add_parser("prepare", help="write the canonical tables into OUT/data/")
-    _common(p)
-    _dataset_args(p, positional=True)
-    p.set_defaults(func=cmd_data_prepare)
-    p = dsub.add_parser("synth", help="generate a synthetic dataset into OUT/data/")
-    _common(p)
-    p.add_argument("--items", type=int, help="number of items (default: config synth.items)")
-    p.add_argument("--users", type=int, help="number of users (default: config synth.users)")
-    p.add_argument("--seed", type=int, help="random seed (default: config synth.seed)")
-    p.set_defaults(func=cmd_data_synth)
+    _command(dsub, "prepare", "write the canonical tables into OUT/data/", cmd_data_prepare, dataset=True)
+    _command(dsub, "synth", "generate a synthetic dataset into OUT/data/", cmd_data_synth, flags=SYNTH_FLAGS)
 
-    p = sub.add_parser("embed", help="embed catalogue titles with Ray Data (incremental, resumable)")
-    _common(p)
+    p = _command(sub, "embed", "embed catalogue titles with Ray Data (incremental, resumable)", cmd_embed)
     p.add_argument("--catalog", metavar="PATH", help="catalogue Parquet (default: OUT/data/catalog.parquet)")
-    p.set_defaults(func=cmd_embed)
-
-    p = sub.add_parser("preferences", help="LLM preferences for every user's train prefix (Ray Data, cached)")
-    _common(p)
-    _dataset_args(p, positional=False)
-    p.add_argument("--max-users", type=int, help="only the first N users by id")
-    p.set_defaults(func=cmd_preferences)
-
-    p = sub.add_parser("explain", help="explanations that state the recommender's attribution, with checks that "
-                       "they follow it (Ray Data, cached)")
-    _common(p)
+    _command(sub, "preferences", "LLM preferences for every user's train prefix (Ray Data, cached)", cmd_preferences,
+             dataset=False, flags=PREFERENCE_FLAGS)
+    p = _command(sub, "explain", "explanations that state the recommender's attribution, with checks that they "
+                 "follow it (Ray Data, cached)", cmd_explain, flags=EXPLAIN_FLAGS)
     p.add_argument("--candidates", metavar="FILE", required=True,
                    help="candidates.parquet with user_id, item_id, rank, score and the attribution columns "
                    "pref_contrib, pref_share, history_item_ids, history_contrib (optional hit_rate), as `lane "
                    "evaluate` writes it; preferences come from OUT/preferences.parquet, titles from OUT/data/")
-    _field_flags(p, "explain", EXPLAIN_FLAGS)
-    p.set_defaults(func=cmd_explain)
-
-    p = sub.add_parser("train", help="train one recommender variant with Ray Train (DDP), then evaluate it on test")
-    _common(p)
-    _dataset_args(p, positional=False)
-    _train_args(p)
-    p.add_argument("--workers", type=int, help="Ray Train workers (train.num_workers, default 1)")
-    p.add_argument("--variant", choices=VARIANTS, help="model variant (train.variant, default lane)")
-    p.add_argument("--backbone", choices=BACKBONES, help="sequence encoder (train.backbone, default sasrec)")
-    p.add_argument("--seed", type=int, help="seed (train.seed, default 0)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="evaluate trained checkpoints on test (full ranking and sampled-100)")
-    _common(p)
+    _command(sub, "train", "train one recommender variant with Ray Train (DDP), then evaluate it on test", cmd_train,
+             dataset=False, flags=TRAIN_FLAGS | MODEL_FLAGS)
+    p = _command(sub, "evaluate", "evaluate trained checkpoints on test (full ranking and sampled-100)", cmd_evaluate)
     p.add_argument("--checkpoint", metavar="DIR", action="append",
                    help="checkpoint directory (repeatable; default: every one under OUT/checkpoints/)")
     p.add_argument("--faithfulness", action="store_true",
                    help="also measure whether removing the top-weight preference hurts more than a random one")
-    p.set_defaults(func=cmd_evaluate)
 
     esub = _group(sub, "experiment", "experiments: ablation", "experiment")
-    p = esub.add_parser("ablation", help="id / title / lane / lane-shuffled for each backbone over seeds")
-    _common(p)
-    _dataset_args(p, positional=False)
-    _train_args(p)
+    p = _command(esub, "ablation", "id / title / lane / lane-shuffled for each backbone over seeds",
+                 cmd_experiment_ablation, dataset=False, flags=TRAIN_FLAGS)
     p.add_argument("--backbones", default="sasrec", help="comma-separated: sasrec,gru4rec,bert4rec,diffurec")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants (default all)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="0: train in-process (the same epoch functions, no Ray Train overhead); N: Ray Train with N "
-                   "workers")
+    p.add_argument("--workers", type=int, default=0, help="0: train in this process (the same training loop, "
+                   "without Ray Train); N: Ray Train with N workers")
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness measurement")
-    p.set_defaults(func=cmd_experiment_ablation)
 
-    p = sub.add_parser("serve", help="start the Ray Serve app (ranking + explanations) on a run directory")
-    _common(p)
+    p = _command(sub, "serve", "start the Ray Serve app (ranking + explanations) on a run directory", cmd_serve,
+                 flags=SERVE_FLAGS)
     p.add_argument("--run", metavar="DIR", default="runs/default",
                    help="run directory with data, embeddings, preferences and checkpoints (default runs/default)")
-    p.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
-    p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
-    p.add_argument("--checkpoint", help="checkpoint to serve: a name under RUN/checkpoints or a path "
-                   "(serve.checkpoint, default lane)")
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("submit", help="run a lane command as a job on a Ray cluster (ray job submit)",
-                       description="lane submit --address http://HEAD:8265 -- run --out s3://bucket/runs/x")
-    p.add_argument("--address", default=None, help="the cluster's dashboard / job server, http://HOST:8265 "
-                   "(default: $RAY_ADDRESS)")
-    p.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working directory "
-                   "(default: here; .venv, .git, runs/ and caches are left out)")
-    p.add_argument("--job-id", help="submission id (default: generated)")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return without waiting")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the job (default: no limit)")
+    p = _command(sub, "submit", "run a lane command as a job on a Ray cluster (ray job submit)", cmd_submit,
+                 common=False, description="lane submit --address http://HEAD:8265 -- run --out s3://bucket/runs/x")
+    for flag, kw in SUBMIT_OPTIONS:
+        p.add_argument(flag, **kw)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the lane command and its arguments")
-    p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("report", help="markdown report with PNG plots of a run directory's artifacts")
+    p = _command(sub, "report", "markdown report with PNG plots of a run directory's artifacts", cmd_report,
+                 common=False)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     p.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("status", help="progress of a `lane run` (stages, their progress, ETA) from RUN/progress.json")
+    p = _command(sub, "status", "progress of a `lane run` (stages, their progress, ETA) from RUN/progress.json",
+                 cmd_status, common=False)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     p.add_argument("--json", action="store_true", help="print the progress document as one JSON line")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until the run ends")
-    p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("index", help="build the serving app's ANN index (faiss) of a checkpoint's item table")
-    _common(p)
+    p = _command(sub, "index", "build the serving app's ANN index (faiss) of a checkpoint's item table", cmd_index)
     p.add_argument("--run", metavar="DIR", default="runs/default", help="run directory (default runs/default)")
     p.add_argument("--checkpoint", default="lane",
                    help="a name under RUN/checkpoints or a path (default lane, what `lane run` trains)")
@@ -200,25 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-construction", type=int, default=80, help="HNSW build breadth (default 80)")
     p.add_argument("--nlist", type=int, help="IVF lists (default 4 * sqrt(items))")
     p.add_argument("--index-out", metavar="DIR", help="where to write (default RUN/index/<checkpoint>)")
-    p.set_defaults(func=cmd_index)
     return parser
-
-
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, help="maximum epochs (train.epochs, default 200)")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (train.patience, default 10)")
 
 
 def _config(args: argparse.Namespace, **flags: Any):
     from lane_ray.config import load_config
 
+    flags.update({key: getattr(args, flag, None) for flag, key in DATA_FLAGS.items()})
     values = {k: v for k, v in flags.items() if v is not None}
-    if getattr(args, "dataset", None) is not None:
-        values["data.dataset"] = args.dataset
-    if getattr(args, "format", None) is not None:
-        values["data.format"] = args.format
     if getattr(args, "out", None) is not None and not args.out.endswith(".parquet"):
         values["run.out"] = args.out
     cfg = load_config(args.config, args.overrides, values)
@@ -230,43 +178,25 @@ def _config(args: argparse.Namespace, **flags: Any):
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
-    from lane_ray.data import load_dataset
-    from lane_ray.progress import Stage
-
-    cfg = _config(args)
-    with Stage(f"load {cfg.data.dataset}", quiet=args.quiet or args.json):
-        prepared = load_dataset(cfg.data)
-    stats = {"dataset": prepared.name, **prepared.stats(), "preprocessing": prepared.report}
-    if args.json:
-        print(json.dumps(stats))
-    else:
-        for k, v in stats.items():
-            print(f"{k:>14}: {v}")
+    stats = stages.dataset_stats(_config(args), args.quiet or args.json)
+    print(json.dumps(stats) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in stats.items()))
     return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     if args.out is None:
         raise LaneError("lane data prepare: --out DIR is required")
-    cfg = _config(args)
-    summary = stages.prepare_data(cfg, args.quiet, force=True)
-    s = summary["stats"]
-    print(f"{Path(cfg.run.out) / 'data'}: {s['users']} users, {s['items']} items, {s['interactions']} interactions")
-    return 0
+    return _counts(args.out, stages.prepare_data(_config(args), args.quiet, force=True)["stats"])
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from lane_ray.data.synth import generate, percent_logger
-    from lane_ray.progress import Stage
-
     if args.out is None:
         raise LaneError("lane data synth: --out DIR is required")
-    cfg = _config(args, **{"synth.items": args.items, "synth.users": args.users, "synth.seed": args.seed})
-    with Stage("synth", cfg.run.out, quiet=args.quiet) as st:
-        summary = generate(cfg.synth, cfg.run.out, progress=None if args.quiet else percent_logger())
-        st.rows = summary["interactions"]
-    print(f"{Path(cfg.run.out) / 'data'}: {summary['users']} users, {summary['items']} items, "
-          f"{summary['interactions']} interactions")
+    return _counts(args.out, stages.synthesize(_config(args, **_flag_values(args, SYNTH_FLAGS)), args.quiet))
+
+
+def _counts(out: str, s: dict[str, Any]) -> int:
+    print(f"{Path(out) / 'data'}: {s['users']} users, {s['items']} items, {s['interactions']} interactions")
     return 0
 
 
@@ -280,7 +210,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_preferences(args: argparse.Namespace) -> int:
-    cfg = _config(args, **{"preferences.max_users": args.max_users})
+    cfg = _config(args, **_flag_values(args, PREFERENCE_FLAGS))
     stages.prepare_data(cfg, args.quiet)
     m = stages.extract_preferences(cfg, args.quiet)
     status = ", ".join(f"{k} {v}" for k, v in sorted(m["status"].items()))
@@ -292,30 +222,24 @@ def cmd_preferences(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from lane_ray.llm.explain_checks import format_check_rates
 
-    cfg = _config(args, **_flag_values(args, "explain", EXPLAIN_FLAGS))  # pydantic validates them all
-    out = Path(cfg.run.out)
+    cfg = _config(args, **_flag_values(args, EXPLAIN_FLAGS))  # pydantic validates them all
     m = stages.explain_candidates(cfg, Path(args.candidates), args.quiet)
-    print(f"{out / 'explanations.parquet'}: {m['rows']} explanations ({m['explained_now']} generated now, "
-          f"{m['cached']} cached); source {m['source']}; format_ok {m['format_ok']}/{m['rows']}; checks: "
+    print(f"{Path(cfg.run.out) / 'explanations.parquet'}: {m['rows']} explanations ({m['explained_now']} generated "
+          f"now, {m['cached']} cached); source {m['source']}; format_ok {m['format_ok']}/{m['rows']}; checks: "
           f"{format_check_rates(m)}")
     return 0
 
 
-def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"train.epochs": args.epochs, "train.patience": args.patience,
-            "train.num_workers": getattr(args, "workers", None) if args.command == "train" else None,
-            "train.variant": getattr(args, "variant", None), "train.backbone": getattr(args, "backbone", None),
-            "train.seed": getattr(args, "seed", None)}
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     """`lane submit`: submit the lane command after `--` (lane_ray.submit), then follow it to its end."""
-    from lane_ray.submit import NOT_JOBS, submit, wait
+    from lane_ray.submit import NOT_JOBS, entrypoint_resources, load_runtime_env, submit, wait
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if command and command[0] not in NOT_JOBS:
         build_parser().parse_args(command)  # refuse a bad command here, not on the cluster
-    job_id = submit(command, args.address, args.working_dir, args.job_id)
+    env = load_runtime_env(args.runtime_env) if args.runtime_env else None
+    job_id = submit(command, args.address, args.working_dir, args.job_id, env, args.entrypoint_num_cpus,
+                    args.entrypoint_num_gpus, args.entrypoint_memory, entrypoint_resources(args.entrypoint_resources))
     print(job_id, flush=True)
     if args.no_wait:
         return 0
@@ -335,9 +259,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from lane_ray.index import build_for_run
 
-    params = ({"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction} if args.kind == "hnsw"
-              else {"nlist": args.nlist})
-    out, meta = build_for_run(args.run, args.checkpoint, args.kind, args.index_out, quiet=args.quiet, **params)
+    out, meta = build_for_run(args.run, args.checkpoint, args.kind, args.index_out, quiet=args.quiet,
+                              hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, nlist=args.nlist)
     print(f"{out}: {meta['kind']} index of {meta['items']} items x {meta['dim']} in {meta['build_seconds']} s")
     return 0
 
@@ -345,7 +268,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib
 
-    flags = {"serve.port": args.port, "serve.host": args.host, "serve.checkpoint": args.checkpoint}
+    flags = _flag_values(args, SERVE_FLAGS)
     cfg = _config(args, **flags)  # validates everything before Ray starts
     overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     app = importlib.import_module("serve.app")  # the Ray Serve app package, beside the library
@@ -354,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config(args, **_train_overrides(args))
+    cfg = _config(args, **_flag_values(args, TRAIN_FLAGS | MODEL_FLAGS))
     r = stages.train_and_evaluate(cfg, args.quiet)
     tc = cfg.train
     print(f"{r['checkpoint']}: {tc.backbone}/{tc.variant}/seed{tc.seed} {r['epochs']} epochs "
@@ -377,53 +300,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment_ablation(args: argparse.Namespace) -> int:
-    from lane_ray.pipeline.experiment import run_ablation
-
-    cfg = _config(args, **_train_overrides(args))
-    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for b in backbones:
-        if b not in BACKBONES:
-            raise LaneError(f"--backbones: unknown backbone {b!r} (choose from {', '.join(BACKBONES)})")
-    for v in variants:
-        if v not in VARIANTS:
-            raise LaneError(f"--variants: unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
-    if args.seeds < 1:
-        raise LaneError("--seeds must be >= 1")
+    cfg = _config(args, **_flag_values(args, TRAIN_FLAGS))
+    names = [[x.strip() for x in arg.split(",") if x.strip()] for arg in (args.backbones, args.variants)]
+    stages.ablation(cfg, *names, args.seeds, args.workers, not args.no_faithfulness, args.quiet)
     out = Path(cfg.run.out)
-    feats = stages.train_features(cfg, variants, args.quiet)
-    run_ablation(cfg.train, cfg.ray, out, feats, backbones, variants, args.seeds, args.workers,
-                 faithfulness=not args.no_faithfulness, quiet=args.quiet)
     print(f"{out / 'metrics.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
     return 0
-
-
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline on one run directory (:func:`lane_ray.pipeline.stages.run_pipeline`)."""
     r = stages.run_pipeline(_config(args), args.quiet, force=args.force)
-    print(r["run_dir"])
-    print(r["report"])
+    print(r["run_dir"], r["report"], sep="\n")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a run directory's progress view (RUN/progress.json), once or every --watch seconds."""
-    from lane_ray.progress import format_progress, read_progress
+    from lane_ray.progress import format_progress, watch_progress
 
-    while True:
-        doc = read_progress(args.run_dir)
+    for doc in watch_progress(args.run_dir, args.watch):
         print(json.dumps(doc) if args.json else format_progress(doc), flush=True)
-        if not args.watch or doc.get("state") != "running":
-            return 0
-        time.sleep(args.watch)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     from lane_ray.storage import close_all
+
+    args = build_parser().parse_args(argv)
 
     try:
         try:

@@ -147,6 +147,12 @@ class RayConfig(_Section):
         description="Nice value of the workers of a locally started cluster (unset = Ray's default, 15). Stages "
         "whose actors do the real work raise their own priority instead (embed.actor_niceness).",
     )
+    resource_wait_s: float | None = Field(
+        None, ge=0,
+        description="How long a stage waits for the nodes it needs (GPUs for vLLM, CPUs for Ray Train workers) "
+        "after asking the autoscaler for them, before it fails naming the resource; unset = 600 s on a cluster "
+        "lane connects to (it may grow), 0 on a local cluster lane starts itself (it cannot).",
+    )
 
 
 class EmbedConfig(_Section):
@@ -658,3 +664,15 @@ def load_config(
 def dump_config(cfg: BaseModel) -> str:
     """The configuration as YAML (what ``--config`` reads back)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def with_values(cfg: LaneConfig, values: dict[str, Any]) -> LaneConfig:
+    """A copy of ``cfg`` with ``section.field`` values replaced and the result validated, as ``--set`` would
+    (a :class:`ConfigError` naming the field otherwise); ``cfg`` itself is unchanged."""
+    tree = cfg.model_dump()
+    for key, value in values.items():
+        _set_path(tree, key.split("."), value)
+    try:
+        return LaneConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None

@@ -39,6 +39,28 @@ def prepare_data(cfg, quiet: bool, force: bool = False) -> dict[str, Any]:
     return summary
 
 
+def dataset_stats(cfg, quiet: bool) -> dict[str, Any]:
+    """Statistics of ``cfg.data`` after preprocessing (nothing written): users, items, interactions, ..., and the
+    preprocessing report."""
+    from lane_ray.data import load_dataset
+    from lane_ray.progress import Stage
+
+    with Stage(f"load {cfg.data.dataset}", quiet=quiet):
+        prepared = load_dataset(cfg.data)
+    return {"dataset": prepared.name, **prepared.stats(), "preprocessing": prepared.report}
+
+
+def synthesize(cfg, quiet: bool) -> dict[str, Any]:
+    """A synthetic dataset (``cfg.synth``) in ``RUN/data``; its summary."""
+    from lane_ray.data.synth import generate, percent_logger
+    from lane_ray.progress import Stage
+
+    with Stage("synth", cfg.run.out, quiet=quiet) as st:
+        summary = generate(cfg.synth, cfg.run.out, progress=None if quiet else percent_logger())
+        st.rows = summary["interactions"]
+    return summary
+
+
 def embedding_paths(out: str | None, catalog: str | None, run_out: str) -> tuple[Path, Path]:
     """``--out`` is the embeddings path when it ends in .parquet, else the run directory (``run_out``: the staged
     folder when ``--out`` is a URI)."""
@@ -232,13 +254,31 @@ def train_and_evaluate(cfg, quiet: bool, skip_current: bool = False, feats=None)
 
 
 
+def ablation(cfg, backbones: list[str], variants: list[str], seeds: int, workers: int = 0,
+             faithfulness: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """The ablation experiment (:func:`lane_ray.pipeline.experiment.run_ablation`) on the run's data, preparing the
+    features its variants need; metrics.json's document."""
+    from lane_ray.config import BACKBONES, VARIANTS
+    from lane_ray.pipeline.experiment import run_ablation
+
+    for flag, names, known in (("--backbones", backbones, BACKBONES), ("--variants", variants, VARIANTS)):
+        for name in names:
+            if name not in known:
+                raise LaneError(f"{flag}: unknown {flag[2:-1]} {name!r} (choose from {', '.join(known)})")
+    if seeds < 1:
+        raise LaneError("--seeds must be >= 1")
+    feats = train_features(cfg, variants, quiet)
+    return run_ablation(cfg.train, cfg.ray, Path(cfg.run.out), feats, backbones, variants, seeds, workers,
+                        faithfulness=faithfulness, quiet=quiet)
+
+
 def run_pipeline(cfg, quiet: bool = False, force: bool = False) -> dict[str, Any]:
     """The whole pipeline on ``cfg.run.out``: data, catalogue embedding, preferences (and their embeddings), the
     SASRec ``id`` and ``lane`` variants trained and evaluated, explanations for ``run.explain_users`` users, the
     report. Each stage is skipped when its output is current (``force``: prepare and train again). Returns
     ``{"run_dir", "report", "stats"}``."""
     from lane_ray.atomic import atomic_open
-    from lane_ray.config import dump_config
+    from lane_ray.config import dump_config, with_values
     from lane_ray.progress import RunProgress, Stage, log
     from lane_ray.report import write_run_report
     from lane_ray.train.features import load_features
@@ -258,12 +298,10 @@ def run_pipeline(cfg, quiet: bool = False, force: bool = False) -> dict[str, Any
         feats = load_features(out, titles=True, preferences=True, m=cfg.train.m)
         # the two SASRec variants the pipeline trains: the ID baseline and LANE (skipped when current)
         for variant in ("id", "lane"):
-            vcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"variant": variant,
-                                                                                 "backbone": "sasrec"})})
+            vcfg = with_values(cfg, {"train.variant": variant, "train.backbone": "sasrec"})
             train_and_evaluate(vcfg, quiet, skip_current=not force, feats=feats)
         if cfg.run.explain_users:
-            ecfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(
-                update={"max_users": cfg.run.explain_users})})
+            ecfg = with_values(cfg, {"explain.max_users": cfg.run.explain_users})
             explain_candidates(ecfg, out / "candidates.parquet", quiet)
         with Stage("report", out, quiet=quiet):
             report = write_run_report(out)
