@@ -325,7 +325,7 @@ def processor_config_kwargs(model_source: str, engine: dict[str, Any], replicas:
     return {"model_source": model_source, "engine_kwargs": dict(engine), "concurrency": int(replicas),
             "batch_size": int(batch_size), "max_concurrent_batches": int(max_concurrent_batches),
             "chat_template_stage": False, "tokenize_stage": False, "detokenize_stage": False,
-            "log_engine_metrics": False}
+            "log_engine_metrics": True}  # vLLM's engine metrics on Ray's Prometheus endpoint
 
 
 def eos_token_ids(tokenizer_eos: int | list[int] | None, model_dir: Path | None = None) -> tuple[int, ...]:
@@ -358,13 +358,21 @@ def check_vllm_installed() -> None:
         raise VLLMError(f"the vllm backend needs vLLM: {INSTALL_HINT}")
 
 
-def check_cluster_gpus(available: float, tensor_parallel_size: int) -> None:
-    """:class:`VLLMError` unless one engine replica fits (``tensor_parallel_size`` GPUs). Without it Ray
-    Data would wait for GPUs forever."""
-    if available < tensor_parallel_size:
-        what = "no GPU" if available < 1 else f"{available:g} GPUs"
-        raise VLLMError(f"the vllm backend needs {tensor_parallel_size} GPU(s) per replica but the Ray cluster has "
-                        f"{what}; use llm.backend=transformers on CPU")
+def wait_for_gpus(tensor_parallel_size: int, timeout_s: float | None = None) -> None:
+    """Wait until one node of the cluster holds an engine replica (``tensor_parallel_size`` GPUs), asking the
+    autoscaler for it (:func:`lane_ray.pipeline.cluster.wait_for_resources`); a :class:`VLLMError` naming the GPUs
+    after the wait (none on a local cluster lane started: it cannot grow). Without this Ray Data would wait for
+    GPUs forever."""
+    from lane_ray.config import RayConfig
+    from lane_ray.pipeline.cluster import init_ray, wait_for_resources
+
+    cfg = RayConfig()
+    init_ray(cfg)  # an initialised Ray is used as it is
+    try:
+        wait_for_resources([{"GPU": float(tensor_parallel_size)}], "the vllm backend (one engine replica)", cfg,
+                           timeout_s)
+    except LaneError as exc:
+        raise VLLMError(f"{exc}; on CPU use llm.backend=transformers") from None
 
 
 class VLLMBackend:
@@ -413,12 +421,9 @@ class VLLMBackend:
     def processor(self) -> Any:
         """The ``ray.data.llm`` processor, built once (starting no engine: engines start per job)."""
         if self._processor is None:
-            import ray
             from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-            if not ray.is_initialized():
-                ray.init()
-            check_cluster_gpus(float(ray.cluster_resources().get("GPU", 0)), self.tensor_parallel_size)
+            wait_for_gpus(self.tensor_parallel_size)
             config = vLLMEngineProcessorConfig(**self.config_kwargs)
             self._processor = build_processor(
                 config, postprocess=functools.partial(postprocess_row, eos_ids=self.eos_ids))
@@ -480,7 +485,7 @@ class VLLMBackend:
 
 
 __all__ = ["INSTALL_HINT", "ResolvedModel", "VLLMBackend", "VLLMError", "build_rows", "build_score_rows",
-           "check_cluster_gpus", "check_vllm_installed", "collect_generations", "collect_scores",
+           "check_vllm_installed", "collect_generations", "collect_scores",
            "continuation_logprob", "convert_gguf", "engine_kwargs", "eos_token_ids", "model_id_for", "num_blocks",
            "postprocess_row", "postprocess_score_row", "processor_config_kwargs", "render_prompt", "resolve_model",
-           "sampling_params_dict", "score_sampling_params"]
+           "sampling_params_dict", "score_sampling_params", "wait_for_gpus"]

@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from lane_ray.config import RayConfig
+from lane_ray.errors import LaneError
 from lane_ray.progress import log
+
+_STARTED_HERE = False  # whether init_ray started the local cluster this process is connected to
 
 
 def init_ray(cfg: RayConfig) -> dict[str, Any]:
@@ -25,6 +28,8 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         if address:
             ray.init(address=address, **kwargs)
         else:
+            global _STARTED_HERE
+            _STARTED_HERE = True
             if cfg.worker_niceness is not None:  # read by the raylet this process starts
                 os.environ.setdefault("RAY_worker_niceness", str(cfg.worker_niceness))
             ray.init(
@@ -39,6 +44,86 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
 
     DataContext.get_current().enable_progress_bars = cfg.data_progress_bars
     return dict(ray.cluster_resources())
+
+
+def _fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Whether every bundle fits on one node, first fit by decreasing size (what Ray's spread of actors and train
+    workers needs; not an exact bin packing, which is NP-hard, but it never says yes wrongly)."""
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: -sum(b.values())):
+        node = next((n for n in free if all(n.get(k, 0) >= v - 1e-9 for k, v in b.items())), None)
+        if node is None:
+            return False
+        for k, v in b.items():
+            node[k] -= v
+    return True
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _describe(bundles: list[dict[str, float]]) -> str:
+    total: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            total[k] = total.get(k, 0) + v
+    shape = ", ".join(f"{v:g} {k}" for k, v in sorted(total.items()) if v)
+    return shape + (f" ({len(bundles)} x {', '.join(f'{v:g} {k}' for k, v in bundles[0].items() if v)})"
+                    if len(bundles) > 1 else "")
+
+
+def wait_for_resources(bundles: list[dict[str, float]], what: str, cfg: RayConfig,
+                       timeout_s: float | None = None) -> dict[str, float]:
+    """Ask the autoscaler for ``bundles`` (``ray.autoscaler.sdk.request_resources``) and wait until the cluster's
+    nodes can hold them, each bundle on one node, with a progress line every ``$LANE_PROGRESS_INTERVAL`` seconds
+    ("waiting for 1 GPU: none in the cluster yet"); the cluster's resources then. Past the timeout
+    (``timeout_s``, else ``cfg.resource_wait_s``, else 0 on a cluster :func:`init_ray` started and 600 s on one
+    it connected to) a :class:`LaneError` names ``what`` and the missing resource. The nodes' total resources
+    count, not what is free this moment: the stage's own tasks queue for the rest."""
+    import time
+
+    import ray
+
+    from lane_ray.progress import progress_interval
+
+    bundles = [{k: float(v) for k, v in b.items() if v} for b in bundles]
+    if timeout_s is None:
+        timeout_s = cfg.resource_wait_s if cfg.resource_wait_s is not None else (0.0 if _STARTED_HERE else 600.0)
+    if _fits(bundles, _alive_nodes()):
+        return dict(ray.cluster_resources())
+    from ray.autoscaler.sdk import request_resources
+
+    t0 = time.monotonic()
+    need = _describe(bundles)
+    next_line = 0.0
+    asked = False
+    try:
+        while True:
+            nodes = _alive_nodes()
+            if _fits(bundles, nodes):
+                log(f"{what}: the cluster holds {need} now ({time.monotonic() - t0:.0f} s)")
+                return dict(ray.cluster_resources())
+            waited = time.monotonic() - t0
+            kinds = sorted({k for b in bundles for k in b})
+            have = ", ".join(f"{sum(n.get(k, 0) for n in nodes):g} {k}" for k in kinds)
+            state = (f"the cluster has {have} on {len(nodes)} node(s)" if any(n.get(k, 0) for n in nodes for k in kinds)
+                     else "none in the cluster yet")
+            if waited >= timeout_s:
+                raise LaneError(f"{what}: needs {need}; {state} after waiting {waited:.0f} s (ray.resource_wait_s); "
+                                "add nodes that have it, or ask for less")
+            if not asked:
+                request_resources(bundles=bundles)  # a hint to the autoscaler; nothing without one
+                asked = True
+            if waited >= next_line:
+                log(f"{what}: waiting for {need}: {state} ({waited:.0f} s of {timeout_s:g} s)")
+                next_line = waited + progress_interval()
+            time.sleep(min(1.0, max(0.05, timeout_s - waited)))
+    finally:
+        if asked:
+            request_resources(bundles=[])  # the stage holds its nodes now; let the autoscaler forget the hint
 
 
 def set_niceness(niceness: int | None) -> None:

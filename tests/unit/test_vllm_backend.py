@@ -18,7 +18,6 @@ from lane_ray.llm.vllm_backend import (
     VLLMBackend,
     VLLMError,
     build_rows,
-    check_cluster_gpus,
     collect_generations,
     engine_kwargs,
     eos_token_ids,
@@ -96,14 +95,6 @@ def test_constructor_without_vllm_says_how_to_install(hf_dir: Path):
 def test_constructor_checks_model_before_vllm():
     with pytest.raises(VLLMError, match="path not found"):
         VLLMBackend("/no/such/model")
-
-
-def test_no_gpu_in_cluster_is_one_line_error():
-    with pytest.raises(VLLMError, match="no GPU"):
-        check_cluster_gpus(0.0, 1)
-    with pytest.raises(VLLMError, match="needs 2 GPU"):
-        check_cluster_gpus(1.0, 2)
-    check_cluster_gpus(2.0, 2)
 
 
 def test_eos_ids_join_tokenizer_and_generation_config(hf_dir: Path):
