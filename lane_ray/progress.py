@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -276,6 +277,34 @@ def pace(done: int, total: int, seconds: float, unit: str, limit: tuple[int, str
     return f"{share}, {per}, ETA {_clock((total - done) / rate)}"
 
 
+_STAGE_METRICS: list[Any] = []
+
+
+def stage_metrics(stage: str, seconds: float, rows: int | None) -> None:
+    """A finished stage's seconds and rows as Ray metrics (``ray_lane_stage_seconds``, ``ray_lane_stage_rows``,
+    tagged with the stage), exported on the cluster's Prometheus endpoint; nothing when this process is not
+    connected to Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")  # not imported: not connected (and a stage without Ray does not import it)
+    try:
+        if ray is None or not ray.is_initialized():
+            return
+        if not _STAGE_METRICS:
+            from ray.util.metrics import Counter, Gauge
+
+            _STAGE_METRICS.extend([
+                Gauge("lane_stage_seconds", description="Wall time of the last finished run of a pipeline stage.",
+                      tag_keys=("stage",)),
+                Counter("lane_stage_rows", description="Rows pipeline stages wrote.", tag_keys=("stage",))])
+        seconds_gauge, rows_counter = _STAGE_METRICS
+        seconds_gauge.set(seconds, tags={"stage": stage})
+        if rows:
+            rows_counter.inc(rows, tags={"stage": stage})
+    except Exception:  # noqa: BLE001 - metrics are best effort: a stage never fails for them
+        return
+
+
 class Stage:
     """Times a pipeline stage, samples its peak memory and records both in ``timings.json``; inside a
     :class:`RunProgress` it also reports its position, state and progress there."""
@@ -375,6 +404,8 @@ class Stage:
         if self._run:
             self._run.update(self.name, state="skipped" if self.skipped else "done", seconds=self.seconds,
                              rows=self.rows)
+        if not self.skipped:
+            stage_metrics(self.name, self.seconds, self.rows)
         if self.run_dir is not None and not self.skipped:
             path = self.run_dir / "timings.json"
             timings = json.loads(path.read_text()) if path.exists() else {}
@@ -402,6 +433,16 @@ def read_progress(run_dir: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise LaneError(f"{redact(path)}: not a progress file (a JSON {type(doc).__name__})")
     return doc
+
+
+def watch_progress(run_dir: str, every: float | None = None) -> Iterator[dict[str, Any]]:
+    """The progress document of ``run_dir``: once, or again every ``every`` seconds while the run is running."""
+    while True:
+        doc = read_progress(run_dir)
+        yield doc
+        if not every or doc.get("state") != "running":
+            return
+        time.sleep(every)
 
 
 def format_progress(doc: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from lane_ray.serving import (
     ranked_items,
     template_row,
 )
+from serve.metrics import ServeMetrics
 from serve.schemas import (
     ErrorBody,
     ExplainBody,
@@ -239,6 +240,13 @@ def build_ingress(api: FastAPI) -> type:
             self.s = self.cfg.serve
             self.explain_settings = settings_from_config(self.cfg)
             self._info: dict[str, Any] | None = None
+            self.metrics = ServeMetrics()
+
+        async def _ranked(self, route: str, query: ServeQuery) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            res = await self.ranker.rank.remote(query)
+            self.metrics.ranked(route, time.perf_counter() - t0)
+            return _raise_if_error(res)
 
         async def _ranker_info(self) -> dict[str, Any]:
             if self._info is None:
@@ -256,14 +264,14 @@ def build_ingress(api: FastAPI) -> type:
                     raise RequestError(422, "explain_top", f"explain_top: at most {min(self.s.max_explain, body.k)}"
                                        f" (serve.max_explain and k), got {body.explain_top}")
 
-        async def _rank(self, body: RecommendRequest | ExplainBody, k: int, target_item: int | None = None,
-                        with_history: bool = False) -> dict[str, Any]:
+        async def _rank(self, route: str, body: RecommendRequest | ExplainBody, k: int,
+                        target_item: int | None = None, with_history: bool = False) -> dict[str, Any]:
             """One Ranker call for a known user; for a raw history: resolve, LLM preferences (degrading to none
             on failure or timeout), then the Ranker call. Returns the Ranker's answer plus ``who``."""
             info = await self._ranker_info()
             if body.user_id is not None:
-                res = _raise_if_error(await self.ranker.rank.remote(
-                    ServeQuery(k, user_id=body.user_id, target_item=target_item, with_history=with_history)))
+                res = await self._ranked(route, ServeQuery(k, user_id=body.user_id, target_item=target_item,
+                                                           with_history=with_history))
                 prefs = res.get("preferences", [])
                 res["who"] = {"user_id": body.user_id, "matches": None, "preferences": prefs,
                               "source": "stored" if prefs else "none", "status": None,
@@ -282,27 +290,29 @@ def build_ingress(api: FastAPI) -> type:
                     who.update(preferences=p["preferences"], source="llm", status=p["status"])
                     vectors = p["vectors"]
                 except TimeoutError:
+                    self.metrics.timeout(route, "preferences")
                     who["note"] = f"preference extraction timed out after {self.s.preference_timeout_s:g} s"
                 except Exception as exc:  # noqa: BLE001 - any LLM failure degrades to ranking without preferences
                     who["note"] = f"preference extraction failed: {_cause(exc)}"
-            res = _raise_if_error(await self.ranker.rank.remote(
-                ServeQuery(k, history=r["history"], prefs=vectors, target_item=target_item)))
+            res = await self._ranked(route, ServeQuery(k, history=r["history"], prefs=vectors, target_item=target_item))
             res["history_items"] = r["items"]
             res["who"] = who
             return res
 
-        async def _explain(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async def _explain(self, route: str, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             from lane_ray.llm.explain_checks import compute_checks
 
             reason = None
             try:
                 rows = await asyncio.wait_for(self.explainer.explain.remote(reqs), self.s.explain_timeout_s)
             except TimeoutError:
+                self.metrics.timeout(route, "explanations")
                 rows, reason = None, f"the LLM did not answer within {self.s.explain_timeout_s:g} s"
             except Exception as exc:  # noqa: BLE001 - an LLM failure must degrade, never 5xx
                 rows, reason = None, f"the LLM failed: {_cause(exc)}"
             if rows is None:
                 rows = [template_row(r, self.explain_settings) for r in reqs]
+            self.metrics.fallback(route, sum(row["source"] == "template" for row in rows))
             checks = compute_checks(rows, self.cfg.explain.not_copied_threshold)
             out = []
             for row, chk in zip(rows, checks, strict=True):
@@ -323,7 +333,7 @@ def build_ingress(api: FastAPI) -> type:
         async def recommend(self, body: RecommendRequest) -> Any:
             try:
                 self._check_limits(body)
-                res = await self._rank(body, body.k, with_history=body.explain)
+                res = await self._rank("recommend", body, body.k, with_history=body.explain)
                 who = res["who"]
                 items = ranked_items(res)
                 explanations = []
@@ -332,9 +342,11 @@ def build_ingress(api: FastAPI) -> type:
                     reqs = [explain_request(who["user_id"], res["meta"][n], n + 1, res["scores"][n],
                                             res["history_items"], who["preferences"], res["weights"], atts[n])
                             for n in range(min(body.explain_top, len(items)))]
-                    explanations = await self._explain(reqs)
+                    explanations = await self._explain("recommend", reqs)
             except RequestError as e:
+                self.metrics.request("recommend", e.status)
                 return _error(e.status, e.field, e.message)
+            self.metrics.request("recommend", 200)
             info = await self._ranker_info()
             return {"user_id": who["user_id"], "model": info["model"], "history": who["matches"],
                     "preferences": who["preferences"], "preference_source": who["source"],
@@ -348,13 +360,15 @@ def build_ingress(api: FastAPI) -> type:
                 self._check_limits(body)
                 if body.history is not None:  # refuse an unknown item before any LLM work
                     _raise_if_error(await self.ranker.item.remote(body.item_id))
-                res = await self._rank(body, 1, target_item=body.item_id, with_history=True)
+                res = await self._rank("explain", body, 1, target_item=body.item_id, with_history=True)
                 who, t, meta = res["who"], res["target"], res["target_meta"]
                 req = explain_request(who["user_id"], meta, t["rank"], t["score"], res["history_items"],
                                       who["preferences"], res["weights"], t.get("attribution"))
-                explanation = (await self._explain([req]))[0]
+                explanation = (await self._explain("explain", [req]))[0]
             except RequestError as e:
+                self.metrics.request("explain", e.status)
                 return _error(e.status, e.field, e.message)
+            self.metrics.request("explain", 200)
             return {"user_id": who["user_id"], "history": who["matches"],
                     "item": {"rank": t["rank"], "item_id": body.item_id, "title": meta["title"], "score": t["score"],
                              **t.get("attribution", {})},
@@ -365,9 +379,12 @@ def build_ingress(api: FastAPI) -> type:
                  responses={c: ERROR_RESPONSES[c] for c in (401, 404, 422)})
         async def item(self, item_id: int) -> Any:
             try:
-                return _raise_if_error(await self.ranker.item.remote(item_id))
+                out = _raise_if_error(await self.ranker.item.remote(item_id))
             except RequestError as e:
+                self.metrics.request("items", e.status)
                 return _error(e.status, e.field, e.message)
+            self.metrics.request("items", 200)
+            return out
 
         @api.get("/healthz", response_model=Health)
         async def healthz(self) -> Any:

@@ -270,6 +270,47 @@ def test_llm_failure_degrades_to_template_and_no_preferences(broken):
     assert r["preference_note"].startswith("preference extraction failed") and len(r["items"]) == 2
 
 
+def _scrape(pattern: str, timeout_s: float = 90.0) -> dict[str, float]:
+    """Every sample of Ray's Prometheus endpoint (this node's metrics agent) whose line matches ``pattern``:
+    {labels line: value}, polled until one appears (replicas report every few seconds)."""
+    import re
+
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        found = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if not line.startswith("#") and re.search(pattern, line)}
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(2)
+
+
+def test_serve_metrics_on_rays_prometheus_endpoint(broken, pipeline_run):
+    """Requests by route and status, template fallbacks and ranking latency reach Ray's Prometheus endpoint
+    (serve/metrics.py), tagged with the route; so do the pipeline stages' seconds and rows (the session's `lane
+    run` in this process)."""
+    assert call(broken, "/v1/recommend", {"user_id": 1, "k": 2, "explain": True, "explain_top": 2},
+                headers=KEY)[0] == 200
+    assert call(broken, "/v1/recommend", {"user_id": 1, "k": 10**6}, headers=KEY)[0] == 422
+    assert call(broken, "/v1/items/1", headers=KEY)[0] == 200
+    ok = _scrape(r'^ray_lane_requests_total\{.*route="recommend".*status="200"')
+    assert ok and sum(ok.values()) >= 1, ok
+    assert sum(_scrape(r'^ray_lane_requests_total\{.*route="recommend".*status="422"').values()) >= 1
+    assert sum(_scrape(r'^ray_lane_requests_total\{.*route="items".*status="200"').values()) >= 1
+    assert sum(_scrape(r'^ray_lane_template_fallbacks_total\{.*route="recommend"').values()) >= 2
+    counts = _scrape(r'^ray_lane_ranking_latency_ms_count\{.*route="recommend"')
+    assert sum(counts.values()) >= 1, counts
+    assert all('application="lane"' in k and 'deployment="Ingress"' in k for k in ok)
+    assert pipeline_run.rc == 0
+    stages = _scrape(r'^ray_lane_stage_seconds\{.*stage="train_sasrec_lane"')
+    assert stages and all(v > 0 for v in stages.values()), stages
+    assert sum(_scrape(r'^ray_lane_stage_rows_total\{.*stage="data"').values()) >= 1
+
+
 def _from_schema(schema: dict, components: dict, edge: bool = True) -> Any:
     """A hypothesis strategy for the JSON-schema subset FastAPI emits ($ref, anyOf, object, array, integer,
     number, string, boolean, null): values inside the declared bounds and, with ``edge``, just outside them."""
