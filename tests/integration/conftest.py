@@ -72,7 +72,8 @@ def pipeline_args(dataset: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def pipeline_run(ray_cluster, tmp_path_factory) -> PipelineRun:
     """The whole pipeline, once per session, on the session's cluster: test_run.py checks its stages and skip
-    rules, test_submit.py that a submitted job gives the same metrics (one local run for both: ~2 minutes)."""
+    rules, test_submit.py that a submitted job and test_multinode.py that a run on three nodes give the same
+    metrics (one local run for all: ~2 minutes)."""
     from lane_ray.cli import main
     from tests.conftest import write_ml100k
 

@@ -45,9 +45,9 @@ def test_installed_entry_point_and_job_module(ray_cluster, tmp_path):
     if not exe.exists():
         pytest.skip("the lane console script is not installed next to this interpreter")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}  # the session's cluster, not a second one
-    # the LLM stage on a few users only: all 943 take 16-29 minutes on 2 cores (docs/benchmarks.md)
-    # and no explanation stage (one explanation takes ~30 s here; test_run and test_submit run it inside
-    # `lane run`, test_explain at length)
+    # the LLM stage on a few users only: all 943 take ~35 minutes on 2 AVX2 cores (README)
+    # and no explanation stage (one explanation takes ~30 s here; test_run runs it inside `lane run`,
+    # test_explain at length)
     cap = ["--set", "preferences.max_users=4", "--set", "preferences.m=3", "--set", "train.epochs=1",
            "--set", "run.explain_users=0"]
     out = subprocess.run([str(exe), "run", "--out", str(tmp_path), *cap], capture_output=True, text=True,
