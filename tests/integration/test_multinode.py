@@ -191,9 +191,7 @@ def test_serve_node_killed_under_load_fails_only_requests_in_flight(cluster, ser
     """Two Ranker replicas, one CPU-heavy replica per worker node (0.6 CPU of 1): the node of one is killed while
     four clients send requests. Only requests in flight there fail; the other replica keeps answering, and Serve
     starts a replacement on a node with room once one joins."""
-    import threading
-
-    from tests.integration.test_serve import call, free_port
+    from tests.integration.test_serve import LOAD_CLIENTS, call, free_port, under_load
 
     _restore(cluster)
     port = free_port()
@@ -209,25 +207,8 @@ def test_serve_node_killed_under_load_fails_only_requests_in_flight(cluster, ser
             time.sleep(1)
         hosts = cluster.actor_nodes("Ranker")
         assert len(hosts) == 2 and "head" not in hosts, hosts  # one replica on each of two worker nodes
-        clients, results, stop = 4, [], threading.Event()
-
-        def client(k: int) -> None:
-            while not stop.is_set():
-                status, _ = call(url, "/v1/recommend", {"user_id": 1 + k % 5, "k": 5}, timeout=60)
-                results.append((time.monotonic(), status))
-
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        time.sleep(5)
-        t_kill = time.monotonic()
-        cluster.kill(hosts[0])
-        time.sleep(15)
-        stop.set()
-        for t in threads:
-            t.join()
-        before = [s for t, s in results if t < t_kill]
-        after = [s for t, s in results if t >= t_kill]
+        before, after = under_load(url, lambda: cluster.kill(hosts[0]), before_s=5, after_s=15)
+        clients = LOAD_CLIENTS
         failed = [s for s in after if s != 200]
         print(f"node {hosts[0]} killed under load: {len(before)} requests before, {len(after)} after, "
               f"{len(failed)} failed {failed}")

@@ -425,6 +425,34 @@ def test_property_based_requests_never_get_5xx(broken):
     assert seen.get(200, 0) > 100 and seen.get(422, 0) > 100 and seen.get(404, 0) > 0
 
 
+LOAD_CLIENTS = 4
+
+
+def under_load(url: str, act: Any, headers: dict[str, str] | None = None, before_s: float = 3,
+               after_s: float = 10) -> tuple[list[int], list[int]]:
+    """``LOAD_CLIENTS`` closed-loop clients send /v1/recommend; ``act()`` runs after ``before_s`` seconds, the load
+    goes on ``after_s`` seconds more. The statuses of the requests that ended before and after ``act``."""
+    results: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        while not stop.is_set():
+            status, _ = call(url, "/v1/recommend", {"user_id": 1 + k % 5, "k": 5}, headers=headers, timeout=60)
+            results.append((time.monotonic(), status))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(LOAD_CLIENTS)]
+    for t in threads:
+        t.start()
+    time.sleep(before_s)
+    t_act = time.monotonic()
+    act()
+    time.sleep(after_s)
+    stop.set()
+    for t in threads:
+        t.join()
+    return [s for t, s in results if t < t_act], [s for t, s in results if t >= t_act]
+
+
 def _ranker_pids() -> list[int]:
     return descendant_pids("ServeReplica:lane:Ranker")
 
@@ -437,25 +465,8 @@ def test_killed_ranker_replica_under_load_fails_only_requests_in_flight(broken):
         time.sleep(0.5)
     pids = _ranker_pids()
     assert len(pids) == 2, pids
-    clients, results, stop = 4, [], threading.Event()
-
-    def client(k: int) -> None:
-        while not stop.is_set():
-            status, _ = call(broken, "/v1/recommend", {"user_id": 1 + k % 5, "k": 5}, headers=KEY, timeout=60)
-            results.append((time.monotonic(), status))
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    t_kill = time.monotonic()
-    os.kill(pids[0], signal.SIGKILL)
-    time.sleep(10)
-    stop.set()
-    for t in threads:
-        t.join()
-    before = [s for t, s in results if t < t_kill]
-    after = [s for t, s in results if t >= t_kill]
+    before, after = under_load(broken, lambda: os.kill(pids[0], signal.SIGKILL), KEY, before_s=3, after_s=10)
+    clients = LOAD_CLIENTS
     failed = [s for s in after if s != 200]
     print(f"replica kill under load: {len(before)} requests before (all 200: {set(before) == {200}}), {len(after)} "
           f"after, {len(failed)} failed {failed}")
