@@ -163,6 +163,10 @@ def actor_pool(cfg: EmbedConfig, resources: dict[str, float], node_cpus: list[fl
             per = min(float(threads), free / on_node) if free > 0 else 1.0
         pool = {"use_gpu": False, "max": max_actors, "threads": threads,
                 "num_gpus": 0, "num_cpus": math.floor(per * 1e4) / 1e4, "device": "cpu"}  # never above the free share
+        if cfg.max_actors is None and cpus > 1 and max_actors * pool["num_cpus"] > cpus - 1 - tok_cpus + 1e-9:
+            # nodes too small to keep a CPU free each (1-CPU nodes: an actor takes a whole node): fewer actors,
+            # so one CPU of the cluster is left for the read/select tasks, which would otherwise wait forever
+            pool["max"] = max(1, int((cpus - 1 - tok_cpus) // pool["num_cpus"]))
     if todo is not None and math.ceil(todo / cfg.rows_per_batch) < pool["max"]:
         pool["max"] = max(1, math.ceil(todo / cfg.rows_per_batch))
         if not use_gpu and cfg.threads_per_actor is None:  # fewer actors than cores: give them the cores

@@ -28,6 +28,11 @@ def test_multi_node_keeps_one_cpu_free_on_the_smallest_node():
     assert pool["num_cpus"] == pytest.approx(3 / 4)  # a 4-CPU node fits 4 actors and one read task
 
 
+def test_one_cpu_nodes_leave_a_cpu_of_the_cluster_for_reading():
+    pool = actor_pool(CPU, {"CPU": 3}, node_cpus=[1, 1, 1])  # each actor takes a whole node: one node stays free
+    assert (pool["max"], pool["num_cpus"]) == (2, 1.0)
+
+
 def test_cpu_threads_and_explicit_settings():
     pool = actor_pool(CPU.model_copy(update={"threads_per_actor": 2}), {"CPU": 8})
     assert (pool["max"], pool["threads"]) == (4, 2) and 4 * pool["num_cpus"] == pytest.approx(7, abs=1e-3)
