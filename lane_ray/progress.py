@@ -277,34 +277,6 @@ def pace(done: int, total: int, seconds: float, unit: str, limit: tuple[int, str
     return f"{share}, {per}, ETA {_clock((total - done) / rate)}"
 
 
-_STAGE_METRICS: list[Any] = []
-
-
-def stage_metrics(stage: str, seconds: float, rows: int | None) -> None:
-    """A finished stage's seconds and rows as Ray metrics (``ray_lane_stage_seconds``, ``ray_lane_stage_rows``,
-    tagged with the stage), exported on the cluster's Prometheus endpoint; nothing when this process is not
-    connected to Ray."""
-    import sys
-
-    ray = sys.modules.get("ray")  # not imported: not connected (and a stage without Ray does not import it)
-    try:
-        if ray is None or not ray.is_initialized():
-            return
-        if not _STAGE_METRICS:
-            from ray.util.metrics import Counter, Gauge
-
-            _STAGE_METRICS.extend([
-                Gauge("lane_stage_seconds", description="Wall time of the last finished run of a pipeline stage.",
-                      tag_keys=("stage",)),
-                Counter("lane_stage_rows", description="Rows pipeline stages wrote.", tag_keys=("stage",))])
-        seconds_gauge, rows_counter = _STAGE_METRICS
-        seconds_gauge.set(seconds, tags={"stage": stage})
-        if rows:
-            rows_counter.inc(rows, tags={"stage": stage})
-    except Exception:  # noqa: BLE001 - metrics are best effort: a stage never fails for them
-        return
-
-
 class Stage:
     """Times a pipeline stage, samples its peak memory and records both in ``timings.json``; inside a
     :class:`RunProgress` it also reports its position, state and progress there."""
@@ -404,8 +376,6 @@ class Stage:
         if self._run:
             self._run.update(self.name, state="skipped" if self.skipped else "done", seconds=self.seconds,
                              rows=self.rows)
-        if not self.skipped:
-            stage_metrics(self.name, self.seconds, self.rows)
         if self.run_dir is not None and not self.skipped:
             path = self.run_dir / "timings.json"
             timings = json.loads(path.read_text()) if path.exists() else {}

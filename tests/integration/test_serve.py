@@ -289,10 +289,9 @@ def _scrape(pattern: str, timeout_s: float = 90.0) -> dict[str, float]:
         time.sleep(2)
 
 
-def test_serve_metrics_on_rays_prometheus_endpoint(broken, pipeline_run):
+def test_serve_metrics_on_rays_prometheus_endpoint(broken):
     """Requests by route and status, template fallbacks and ranking latency reach Ray's Prometheus endpoint
-    (serve/metrics.py), tagged with the route; so do the pipeline stages' seconds and rows (the session's `lane
-    run` in this process)."""
+    (serve/metrics.py), tagged with the route."""
     assert call(broken, "/v1/recommend", {"user_id": 1, "k": 2, "explain": True, "explain_top": 2},
                 headers=KEY)[0] == 200
     assert call(broken, "/v1/recommend", {"user_id": 1, "k": 10**6}, headers=KEY)[0] == 422
@@ -305,10 +304,6 @@ def test_serve_metrics_on_rays_prometheus_endpoint(broken, pipeline_run):
     counts = _scrape(r'^ray_lane_ranking_latency_ms_count\{.*route="recommend"')
     assert sum(counts.values()) >= 1, counts
     assert all('application="lane"' in k and 'deployment="Ingress"' in k for k in ok)
-    assert pipeline_run.rc == 0
-    stages = _scrape(r'^ray_lane_stage_seconds\{.*stage="train_sasrec_lane"')
-    assert stages and all(v > 0 for v in stages.values()), stages
-    assert sum(_scrape(r'^ray_lane_stage_rows_total\{.*stage="data"').values()) >= 1
 
 
 def _from_schema(schema: dict, components: dict, edge: bool = True) -> Any:
