@@ -86,12 +86,12 @@ def entrypoint_resources(text: str | None) -> dict[str, float] | None:
 def job_runtime_env(working_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The job's ``runtime_env``: ``working_dir`` without :data:`SUBMIT_EXCLUDES`, the forwarded environment,
     then ``extra`` (a runtime_env file) on top."""
+    extra = extra or {}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    out: dict[str, Any] = {**(extra or {}), "working_dir": (extra or {}).get("working_dir", str(working_dir)),
-                           "excludes": SUBMIT_EXCLUDES + list((extra or {}).get("excludes", [])),
-                           "env_vars": {**env, **(extra or {}).get("env_vars", {})}}
-    return out
+    return {**extra, "working_dir": extra.get("working_dir", str(working_dir)),
+            "excludes": SUBMIT_EXCLUDES + list(extra.get("excludes", [])),
+            "env_vars": {**env, **extra.get("env_vars", {})}}
 
 
 @dataclass

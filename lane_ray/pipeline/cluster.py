@@ -98,6 +98,7 @@ def wait_for_resources(bundles: list[dict[str, float]], what: str, cfg: RayConfi
 
     t0 = time.monotonic()
     need = _describe(bundles)
+    kinds = sorted({k for b in bundles for k in b})
     next_line = 0.0
     asked = False
     try:
@@ -107,7 +108,6 @@ def wait_for_resources(bundles: list[dict[str, float]], what: str, cfg: RayConfi
                 log(f"{what}: the cluster holds {need} now ({time.monotonic() - t0:.0f} s)")
                 return dict(ray.cluster_resources())
             waited = time.monotonic() - t0
-            kinds = sorted({k for b in bundles for k in b})
             have = ", ".join(f"{sum(n.get(k, 0) for n in nodes):g} {k}" for k in kinds)
             state = (f"the cluster has {have} on {len(nodes)} node(s)" if any(n.get(k, 0) for n in nodes for k in kinds)
                      else "none in the cluster yet")
