@@ -382,6 +382,9 @@ class Stage:
             timings[self.name] = {"seconds": self.seconds, "peak_rss_mb": self._sampler.peak_mb,
                                   "peak_tree_rss_mb": tree, "rows": self.rows, **self.extra}
             write_json(path, timings)
+            from lane_ray.stage_metrics import record
+
+            record(self.name, self.run_dir.name, self.seconds, self.rows)  # on the cluster's Prometheus endpoint
         from lane_ray.storage import push_all
 
         push_all()  # a run staged from s3:// / gs:// keeps the remote current after every finished stage

@@ -10,6 +10,7 @@ from typing import Any
 from lane_ray.config import RayConfig
 from lane_ray.errors import LaneError
 from lane_ray.progress import log
+from lane_ray.stage_metrics import enable as enable_stage_metrics
 
 _STARTED_HERE = False  # whether init_ray started the local cluster this process is connected to
 
@@ -43,6 +44,7 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = cfg.data_progress_bars
+    enable_stage_metrics(cfg.stage_metrics)
     return dict(ray.cluster_resources())
 
 

@@ -270,7 +270,7 @@ def test_llm_failure_degrades_to_template_and_no_preferences(broken):
     assert r["preference_note"].startswith("preference extraction failed") and len(r["items"]) == 2
 
 
-def _scrape(pattern: str, timeout_s: float = 90.0) -> dict[str, float]:
+def scrape(pattern: str, timeout_s: float = 90.0) -> dict[str, float]:
     """Every sample of Ray's Prometheus endpoint (this node's metrics agent) whose line matches ``pattern``:
     {labels line: value}, polled until one appears (replicas report every few seconds)."""
     import re
@@ -296,12 +296,12 @@ def test_serve_metrics_on_rays_prometheus_endpoint(broken):
                 headers=KEY)[0] == 200
     assert call(broken, "/v1/recommend", {"user_id": 1, "k": 10**6}, headers=KEY)[0] == 422
     assert call(broken, "/v1/items/1", headers=KEY)[0] == 200
-    ok = _scrape(r'^ray_lane_requests_total\{.*route="recommend".*status="200"')
+    ok = scrape(r'^ray_lane_requests_total\{.*route="recommend".*status="200"')
     assert ok and sum(ok.values()) >= 1, ok
-    assert sum(_scrape(r'^ray_lane_requests_total\{.*route="recommend".*status="422"').values()) >= 1
-    assert sum(_scrape(r'^ray_lane_requests_total\{.*route="items".*status="200"').values()) >= 1
-    assert sum(_scrape(r'^ray_lane_template_fallbacks_total\{.*route="recommend"').values()) >= 2
-    counts = _scrape(r'^ray_lane_ranking_latency_ms_count\{.*route="recommend"')
+    assert sum(scrape(r'^ray_lane_requests_total\{.*route="recommend".*status="422"').values()) >= 1
+    assert sum(scrape(r'^ray_lane_requests_total\{.*route="items".*status="200"').values()) >= 1
+    assert sum(scrape(r'^ray_lane_template_fallbacks_total\{.*route="recommend"').values()) >= 2
+    counts = scrape(r'^ray_lane_ranking_latency_ms_count\{.*route="recommend"')
     assert sum(counts.values()) >= 1, counts
     assert all('application="lane"' in k and 'deployment="Ingress"' in k for k in ok)
 
