@@ -53,11 +53,6 @@ def _lane(cluster: MultiNodeCluster, *args: str, timeout: float = 900) -> subpro
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _start_lane(cluster: MultiNodeCluster, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lane_ray.cli", *args], env=cluster.env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _kill_a_node_running(cluster: MultiNodeCluster, actor_class: str, when, timeout_s: float = 300) -> str:
     """Once ``when()`` holds, SIGKILL a worker node that runs an actor of ``actor_class``; its name."""
     deadline = time.monotonic() + timeout_s
@@ -69,6 +64,21 @@ def _kill_a_node_running(cluster: MultiNodeCluster, actor_class: str, when, time
                 return hosts[0]
         time.sleep(0.5)
     raise AssertionError(f"no {actor_class} actor on a worker node in time")
+
+
+def _killed_during(cluster: MultiNodeCluster, actor_class: str, when, *args: str) -> str:
+    """`lane *args` on this cluster, with a worker node that runs an ``actor_class`` actor killed once ``when()``
+    holds; asserts the command still succeeds and returns the killed node's name."""
+    proc = subprocess.Popen([sys.executable, "-m", "lane_ray.cli", *args], env=cluster.env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        killed = _kill_a_node_running(cluster, actor_class, when)
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    return killed
 
 
 def test_pipeline_on_three_nodes_matches_one_node(cluster, pipeline_run, tmp_path):
@@ -114,16 +124,9 @@ def test_worker_node_killed_mid_training_resumes_on_the_nodes_left(cluster, synt
     calm_dir, hit_dir = tmp_path / "calm", tmp_path / "hit"
     calm = _lane(cluster, "train", "--dataset", str(synth_run), "--out", str(calm_dir), *TRAIN)
     assert calm.returncode == 0, calm.stderr[-3000:]
-    proc = _start_lane(cluster, "train", "--dataset", str(synth_run), "--out", str(hit_dir), *TRAIN)
     ckpts = hit_dir / "ray_train" / "sasrec-id-seed0"
-    try:
-        killed = _kill_a_node_running(cluster, "RayTrainWorker",
-                                      lambda: len(list(ckpts.glob("checkpoint_*"))) >= 2)
-        out, err = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    killed = _killed_during(cluster, "RayTrainWorker", lambda: len(list(ckpts.glob("checkpoint_*"))) >= 2,
+                            "train", "--dataset", str(synth_run), "--out", str(hit_dir), *TRAIN)
     a = json.loads((calm_dir / "curves" / "sasrec-id-seed0.json").read_text())
     b = json.loads((hit_dir / "curves" / "sasrec-id-seed0.json").read_text())
     assert [c["epoch"] for c in b["curve"]] == [c["epoch"] for c in a["curve"]] == list(range(5))
@@ -150,14 +153,8 @@ def test_worker_node_killed_mid_embedding_writes_every_title_once(cluster, synth
     calm = _lane(cluster, "embed", "--out", str(tmp_path / "calm.parquet"), *embed)
     assert calm.returncode == 0, calm.stderr[-3000:]
     hit_out = tmp_path / "hit.parquet"
-    proc = _start_lane(cluster, "embed", "--out", str(hit_out), *embed)
-    try:
-        killed = _kill_a_node_running(cluster, "EncodeBatch", lambda: len(list(hit_out.glob("part-*.parquet"))) >= 2)
-        out, err = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    killed = _killed_during(cluster, "EncodeBatch", lambda: len(list(hit_out.glob("part-*.parquet"))) >= 2,
+                            "embed", "--out", str(hit_out), *embed)
     catalog = read_parquet(synth_run / "data" / "catalog.parquet")
     a, b = read_parquet(tmp_path / "calm.parquet"), read_parquet(hit_out)
     ids = b["item_id"].to_numpy()
@@ -277,15 +274,9 @@ def test_worker_node_killed_mid_preferences_asks_the_llm_once_per_user(cluster, 
     calm = _lane(cluster, "preferences", "--out", str(tmp_path / "calm"), *PREFS)
     assert calm.returncode == 0, calm.stderr[-3000:]
     hit_dir = tmp_path / "hit"
-    proc = _start_lane(cluster, "preferences", "--out", str(hit_dir), *PREFS)
     parts = hit_dir / "preferences.parquet"
-    try:
-        killed = _kill_a_node_running(cluster, "ExtractBatch", lambda: len(list(parts.glob("part-*.parquet"))) >= 1)
-        out, err = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    killed = _killed_during(cluster, "ExtractBatch", lambda: len(list(parts.glob("part-*.parquet"))) >= 1,
+                            "preferences", "--out", str(hit_dir), *PREFS)
     a, b = (read_parquet(d / "preferences.parquet").sort_by("user_id") for d in (tmp_path / "calm", hit_dir))
     assert b["user_id"].to_pylist() == a["user_id"].to_pylist() and b.num_rows == 8  # each user once
     assert b["preferences"].to_pylist() == a["preferences"].to_pylist()

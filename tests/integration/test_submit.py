@@ -36,24 +36,35 @@ def _stop_head(temp_dir: Path) -> None:
             pass
 
 
+def _start_head(temp: Path, env: dict) -> str:
+    """`ray start --head` with every port it would otherwise take from a fixed default (the session's own cluster
+    or one still shutting down may hold those) set to a free one; a port taken between the probe and the start
+    gives a fresh set, and the last failure shows what `ray start` printed."""
+    ray = str(Path(sys.executable).parent / "ray")
+    names = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+    for _ in range(3):
+        ports: dict[str, int] = {}
+        while len(set(ports.values())) < len(names):
+            ports = {name: free_port() for name in names}
+        proc = subprocess.run([ray, "start", "--head", "--num-cpus=2", "--include-dashboard=true",
+                               "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--object-store-memory=300000000",
+                               "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())],
+                              env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return f"http://127.0.0.1:{ports['dashboard-port']}"
+        _stop_head(temp)
+    raise RuntimeError(f"ray start --head failed 3 times; last output:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
 @pytest.fixture
 def head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
-    port, dash = free_port(), free_port()
-    # every fixed default port of a head gets a free one: another cluster on this machine (the test session's own)
-    # already holds the defaults
-    ports = {f"--{name}": free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "metrics-export-port", "runtime-env-agent-port")}
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-                    "--object-store-memory=300000000", "--disable-usage-stats",
-                    *(f"{k}={v}" for k, v in ports.items())], env=env, check=True,
-                   capture_output=True, timeout=120)
+    address = _start_head(temp, env)
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        yield address, env
     finally:
         _stop_head(temp)
 
