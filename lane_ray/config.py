@@ -148,9 +148,10 @@ class RayConfig(_Section):
         "whose actors do the real work raise their own priority instead (embed.actor_niceness).",
     )
     stage_metrics: bool = Field(
-        True, description="Report every finished stage's seconds and rows as Ray metrics (ray_lane_stage_seconds, "
-        "ray_lane_stage_rows_total on the cluster's Prometheus endpoint), held by one detached 0-CPU actor "
-        "(lane_stage_metrics, namespace lane) so they outlive the driver.")
+        True, description="Report every finished stage's seconds, rows and runs as Ray metrics "
+        "(ray_lane_stage_seconds_total, ray_lane_stage_rows_total, ray_lane_stage_runs_total on the cluster's "
+        "Prometheus endpoint), held by one detached 0-CPU actor (lane_stage_metrics, namespace lane) so they "
+        "outlive the driver.")
     resource_wait_s: float | None = Field(
         None, ge=0,
         description="How long a stage waits for the nodes it needs (GPUs for vLLM, CPUs for Ray Train workers) "
